@@ -1,0 +1,66 @@
+// Counting sort of (row, col) pairs into CSR. Stable, so edges of one row keep their input order and
+// every reduction that walks a row is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace pk {
+namespace {
+
+template <typename I>
+void count_rows(const I* row, const I* col, int64_t num_edges, int64_t num_rows, int64_t num_cols,
+                int64_t* counts, const std::string& context) {
+  for (int64_t e = 0; e < num_edges; ++e) {
+    const int64_t r = row[e], c = col[e];
+    TORCH_CHECK_INDEX(r >= 0 && r < num_rows, context, " holds target index ", r, " at position ", e,
+                      ", out of range for ", num_rows, " target nodes");
+    TORCH_CHECK_INDEX(c >= 0 && c < num_cols, context, " holds source index ", c, " at position ", e,
+                      ", out of range for ", num_cols, " source nodes");
+    ++counts[r + 1];
+  }
+}
+
+template <typename I>
+void fill(const I* row, const I* col, int64_t num_edges, int64_t* cursor, int64_t* col_out, int64_t* perm) {
+  for (int64_t e = 0; e < num_edges; ++e) {
+    const int64_t pos = cursor[row[e]]++;
+    col_out[pos] = col[e];
+    perm[pos] = e;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cpu(const at::Tensor& row, const at::Tensor& col,
+                                                              int64_t num_rows, int64_t num_cols,
+                                                              c10::string_view context) {
+  const std::string ctx(context);
+  TORCH_CHECK(num_rows >= 0 && num_cols >= 0, ctx, ": node counts must be non-negative, got ", num_rows, " and ",
+              num_cols);
+  TORCH_CHECK(row.dim() == 1 && col.dim() == 1 && row.numel() == col.numel(), ctx,
+              ": row and col must be 1-D of equal length");
+  TORCH_CHECK(row.scalar_type() == col.scalar_type() &&
+                  (row.scalar_type() == at::kLong || row.scalar_type() == at::kInt),
+              ctx, ": indices must be int32 or int64, got ", row.scalar_type());
+  const auto r = row.contiguous(), c = col.contiguous();
+  const int64_t num_edges = r.numel();
+  auto opts = r.options().dtype(at::kLong);
+  auto rowptr = at::zeros({num_rows + 1}, opts);
+  auto col_out = at::empty({num_edges}, opts);
+  auto perm = at::empty({num_edges}, opts);
+  int64_t* rp = rowptr.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(r.scalar_type(), "coo_to_csr", [&] {
+    count_rows(r.data_ptr<index_t>(), c.data_ptr<index_t>(), num_edges, num_rows, num_cols, rp, ctx);
+    for (int64_t i = 0; i < num_rows; ++i) rp[i + 1] += rp[i];
+    std::vector<int64_t> cursor(rp, rp + num_rows);
+    fill(r.data_ptr<index_t>(), c.data_ptr<index_t>(), num_edges, cursor.data(), col_out.data_ptr<int64_t>(),
+         perm.data_ptr<int64_t>());
+  });
+  return {rowptr, col_out, perm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) { m.impl("coo_to_csr", &coo_to_csr_cpu); }
+
+}  // namespace pk

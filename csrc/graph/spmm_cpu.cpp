@@ -1,0 +1,196 @@
+// Row-parallel CSR times dense: each thread owns whole target rows, so no two threads write the same
+// output and the result does not depend on scheduling. The max/min variants record which CSR edge won
+// so backward needs no [E, H, F] tensor.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/checks.h"
+#include "common/cpu_vec.h"
+#include "graph/graph_checks.h"
+
+namespace pk {
+namespace {
+
+enum class Reduce { kSum, kMean, kMax, kMin };
+
+Reduce parse_reduce(c10::string_view reduce) {
+  if (reduce == "sum") return Reduce::kSum;
+  if (reduce == "mean") return Reduce::kMean;
+  if (reduce == "max") return Reduce::kMax;
+  if (reduce == "min") return Reduce::kMin;
+  TORCH_CHECK(false, "pykernels.spmm: reduce must be one of sum, mean, max, min; got '", std::string(reduce), "'");
+}
+
+template <typename T>
+void spmm_sum_rows(const int64_t* rowptr, const int64_t* col, const T* weight, const T* x, T* out,
+                   int64_t num_rows, int64_t heads, int64_t feats, bool mean) {
+  using A = cpu::acc_t<T>;
+  const int64_t hf = heads * feats;
+  const int64_t avg_deg = std::max<int64_t>(1, num_rows ? rowptr[num_rows] / num_rows : 1);
+  at::parallel_for(0, num_rows, grain_for(num_rows, avg_deg * hf), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(hf);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        const T* xj = x + col[e] * hf;
+        for (int64_t h = 0; h < heads; ++h) {
+          const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
+          cpu::axpy(acc.data() + h * feats, w, xj + h * feats, feats);
+        }
+      }
+      const int64_t deg = rowptr[i + 1] - rowptr[i];
+      const A s = (mean && deg > 0) ? A(1) / A(deg) : A(1);
+      cpu::store(out + i * hf, acc.data(), s, hf);
+    }
+  });
+}
+
+template <typename T>
+void spmm_arg_rows(const int64_t* rowptr, const int64_t* col, const T* weight, const T* x, T* out, int64_t* arg,
+                   int64_t num_rows, int64_t heads, int64_t feats, bool is_max) {
+  using A = cpu::acc_t<T>;
+  const int64_t hf = heads * feats;
+  const int64_t avg_deg = std::max<int64_t>(1, num_rows ? rowptr[num_rows] / num_rows : 1);
+  at::parallel_for(0, num_rows, grain_for(num_rows, avg_deg * hf), [&](int64_t begin, int64_t end) {
+    std::vector<A> best(hf);
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t* arg_i = arg + i * hf;
+      std::fill(best.begin(), best.end(), is_max ? -std::numeric_limits<A>::infinity()
+                                                 : std::numeric_limits<A>::infinity());
+      std::fill(arg_i, arg_i + hf, int64_t(-1));
+      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        const T* xj = x + col[e] * hf;
+        for (int64_t h = 0; h < heads; ++h) {
+          const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
+          for (int64_t f = h * feats; f < (h + 1) * feats; ++f) {
+            const A v = w * cpu::to_acc(xj[f]);
+            // Strict comparison keeps the first edge on ties; a NaN wins once and then sticks, as in torch.
+            const bool better = is_max ? (v > best[f]) : (v < best[f]);
+            if (std::isnan(best[f])) continue;
+            if (arg_i[f] < 0 || better || std::isnan(v)) {
+              best[f] = v;
+              arg_i[f] = e;
+            }
+          }
+        }
+      }
+      T* out_i = out + i * hf;
+      for (int64_t f = 0; f < hf; ++f) out_i[f] = arg_i[f] < 0 ? T(0) : static_cast<T>(best[f]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                            const std::optional<at::Tensor>& weight, const at::Tensor& x,
+                                            c10::string_view reduce_name) {
+  constexpr const char* op = "pykernels.spmm";
+  const Reduce reduce = parse_reduce(reduce_name);
+  check_csr(op, rowptr, col);
+  PK_CHECK_FLOAT_TENSOR(op, "x", x);
+  PK_CHECK_DIM(op, "x", x, 3);
+  const int64_t num_rows = rowptr.numel() - 1, heads = x.size(1), feats = x.size(2);
+  if (weight) check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+  auto out = at::empty({num_rows, heads, feats}, x.options());
+  const bool with_arg = reduce == Reduce::kMax || reduce == Reduce::kMin;
+  auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
+  PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_cpu", [&] {
+    const scalar_t* w = weight ? weight->data_ptr<scalar_t>() : nullptr;
+    if (with_arg)
+      spmm_arg_rows(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), w, x.data_ptr<scalar_t>(),
+                    out.data_ptr<scalar_t>(), arg.data_ptr<int64_t>(), num_rows, heads, feats,
+                    reduce == Reduce::kMax);
+    else
+      spmm_sum_rows(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), w, x.data_ptr<scalar_t>(),
+                    out.data_ptr<scalar_t>(), num_rows, heads, feats, reduce == Reduce::kMean);
+  });
+  return {out, arg};
+}
+
+// grad_x walks the transpose (source-major) so each thread owns whole source rows: atomic-free and
+// deterministic. grad_weight walks target rows, whose edges belong to that row alone.
+template <typename T>
+void spmm_arg_backward_impl(const int64_t* rowptr, const int64_t* col, const int64_t* rowptr_t,
+                            const int64_t* col_t, const int64_t* perm_t, const T* weight, const int64_t* arg,
+                            const T* grad, const T* x, T* grad_x, T* grad_w, int64_t num_rows, int64_t num_cols,
+                            int64_t heads, int64_t feats) {
+  using A = cpu::acc_t<T>;
+  const int64_t hf = heads * feats;
+  const int64_t avg_deg = std::max<int64_t>(1, num_cols ? rowptr_t[num_cols] / num_cols : 1);
+  at::parallel_for(0, num_cols, grain_for(num_cols, avg_deg * hf), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(hf);
+    for (int64_t j = begin; j < end; ++j) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t t = rowptr_t[j]; t < rowptr_t[j + 1]; ++t) {
+        const int64_t i = col_t[t], e = perm_t[t];
+        const int64_t* arg_i = arg + i * hf;
+        const T* g_i = grad + i * hf;
+        for (int64_t h = 0; h < heads; ++h) {
+          const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
+          for (int64_t f = h * feats; f < (h + 1) * feats; ++f)
+            if (arg_i[f] == e) acc[f] += w * cpu::to_acc(g_i[f]);
+        }
+      }
+      cpu::store(grad_x + j * hf, acc.data(), A(1), hf);
+    }
+  });
+  if (!grad_w) return;
+  at::parallel_for(0, num_rows, grain_for(num_rows, hf), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e0 = rowptr[i], deg = rowptr[i + 1] - e0;
+      std::vector<A> acc(deg * heads, A(0));
+      const int64_t* arg_i = arg + i * hf;
+      const T* g_i = grad + i * hf;
+      for (int64_t f = 0; f < hf; ++f) {
+        const int64_t e = arg_i[f];
+        if (e < 0) continue;
+        acc[(e - e0) * heads + f / feats] += cpu::to_acc(g_i[f]) * cpu::to_acc(x[col[e] * hf + f]);
+      }
+      for (int64_t k = 0; k < deg * heads; ++k) grad_w[e0 * heads + k] = static_cast<T>(acc[k]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> spmm_arg_backward_cpu(const at::Tensor& rowptr, const at::Tensor& col,
+                                                         const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                                         const at::Tensor& perm_t,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const at::Tensor& arg, const at::Tensor& grad_out,
+                                                         const at::Tensor& x, bool weight_grad) {
+  constexpr const char* op = "pykernels.spmm_arg_backward";
+  check_csr(op, rowptr, col);
+  check_csr(op, rowptr_t, col_t);
+  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
+  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
+  PK_CHECK_FLOAT_TENSOR(op, "x", x);
+  PK_CHECK_INDEX_TENSOR(op, "arg", arg);
+  const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
+  const int64_t heads = x.size(1), feats = x.size(2);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({num_rows, heads, feats}) && arg.sizes() == grad_out.sizes(), op,
+              ": grad_out/arg shape mismatch");
+  TORCH_CHECK(x.size(0) == num_cols, op, ": x has ", x.size(0), " rows, graph has ", num_cols, " sources");
+  if (weight) check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+  auto grad_x = at::empty_like(x);
+  auto grad_w = weight_grad ? at::empty({col.numel(), heads}, x.options()) : at::empty({0}, x.options());
+  PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_arg_backward_cpu", [&] {
+    spmm_arg_backward_impl(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), rowptr_t.data_ptr<int64_t>(),
+                           col_t.data_ptr<int64_t>(), perm_t.data_ptr<int64_t>(),
+                           weight ? weight->data_ptr<scalar_t>() : nullptr, arg.data_ptr<int64_t>(),
+                           grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                           weight_grad ? grad_w.data_ptr<scalar_t>() : nullptr, num_rows, num_cols, heads, feats);
+  });
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("spmm", &spmm_cpu);
+  m.impl("spmm_arg_backward", &spmm_arg_backward_cpu);
+}
+
+}  // namespace pk

@@ -1,0 +1,116 @@
+"""Engine registry: which engines were built, which one serves a call, and the deterministic switch.
+
+Every op has one meaning (its reference in ``pykernels.reference``) and several engines:
+
+* ``"cpu"``: the C++ engine in ``pykernels._C`` (CPU tensors).
+* ``"cuda"``: the CUDA engine in ``pykernels._C`` (CUDA tensors; built only against a CUDA torch).
+* ``"triton"``: Triton kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``).
+* ``"reference"``: plain PyTorch, differentiable by autograd.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+
+import torch
+
+ENGINES = ("cpu", "cuda", "triton", "reference")
+BACKENDS = ("auto",) + ENGINES
+
+_state = threading.local()
+_deterministic_default = False
+
+
+@functools.lru_cache(maxsize=None)
+def _build_info() -> dict:
+    try:
+        from . import _C
+    except ImportError as exc:  # pragma: no cover - only when the extension is missing
+        return {"cpp": False, "cuda": False, "cuda_status": f"extension not importable: {exc}"}
+    info = dict(_C.build_info())
+    info["cpp"] = True
+    return info
+
+
+def cpp_available() -> bool:
+    return _build_info()["cpp"]
+
+
+def cuda_built() -> bool:
+    return bool(_build_info().get("cuda"))
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    if not triton_importable():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+def engine_unavailable_reason(engine: str, device: torch.device) -> str | None:
+    """Why ``engine`` cannot run on ``device``, or None when it can."""
+    if engine == "reference":
+        return None
+    if engine == "cpu":
+        if device.type != "cpu":
+            return f"the cpu engine takes CPU tensors, got {device.type} tensors"
+        return None if cpp_available() else _build_info()["cuda_status"]
+    if engine == "cuda":
+        if device.type != "cuda":
+            return f"the cuda engine takes CUDA tensors, got {device.type} tensors"
+        return None if cuda_built() else f"pykernels was built without CUDA ({_build_info()['cuda_status']})"
+    if engine == "triton":
+        if not triton_importable():
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreted():
+            return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"triton does not run on {device.type} tensors"
+        return None
+    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+
+
+def select(op: str, backend: str, device: torch.device) -> str:
+    """The engine that serves ``op`` for tensors on ``device``.
+
+    ``auto`` picks the C++ engine for CPU tensors. For CUDA tensors it picks the CUDA engine when built,
+    else Triton: no GPU session has measured the two against each other yet, so the compiled engine is
+    the default until a recorded measurement says otherwise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if cpp_available() else "reference"
+        if device.type == "cuda":
+            if cuda_built():
+                return "cuda"
+            if triton_importable():
+                return "triton"
+        return "reference"
+    reason = engine_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend={backend!r} is not available: {reason}")
+    return backend
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Ask every pykernels op for results that do not depend on thread or block scheduling.
+
+    ``torch.use_deterministic_algorithms(True)`` has the same effect. The setting is per thread.
+    """
+    _state.deterministic = bool(enabled)
+
+
+def is_deterministic() -> bool:
+    return getattr(_state, "deterministic", _deterministic_default) or torch.are_deterministic_algorithms_enabled()
