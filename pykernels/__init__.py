@@ -1,1 +1,17 @@
+"""pykernels: fused attention, windowed attention, attention flow and graph message-passing kernels.
 
+Every op has one meaning (its plain-PyTorch reference in ``pykernels.reference``) and several engines:
+C++ for CPU tensors, CUDA and Triton for GPU tensors. Ops are ``torch.library`` custom ops with fake
+kernels and autograd, so they work in eager mode and under ``torch.compile(fullgraph=True)``.
+"""
+from ._backend import BACKENDS, ENGINES, is_deterministic, set_deterministic
+from ._info import info
+from .graph import CSR, ScatterResult, edge_softmax, graph_attention, scatter, sddmm, spmm
+from . import nn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "ENGINES", "CSR", "ScatterResult", "edge_softmax", "graph_attention", "info", "is_deterministic",
+    "nn", "scatter", "sddmm", "set_deterministic", "spmm",
+]

@@ -1,0 +1,52 @@
+"""What this installation of pykernels was built with and can run."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from . import _backend
+
+
+def info() -> dict:
+    """Engines built, versions, CPU capability and threads, as a dict (``python -m pykernels info`` prints it)."""
+    build = dict(_backend._build_info())
+    triton_version = None
+    if _backend.triton_importable():
+        import triton
+
+        triton_version = triton.__version__
+    cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "pykernels": __import__("pykernels").__version__,
+        "torch": torch.__version__,
+        "torch_built_with": build.get("torch_built_with"),
+        "python": platform.python_version(),
+        "engines": {
+            "cpu": build["cpp"],
+            "cuda": build.get("cuda", False),
+            "triton": _backend.triton_importable(),
+            "reference": True,
+        },
+        "cuda_status": build.get("cuda_status"),
+        "cuda_device": cuda_device,
+        "triton": triton_version,
+        "triton_interpreted": _backend.triton_interpreted(),
+        "compiler": build.get("compiler"),
+        "cpu_dispatch": build.get("cpu_dispatch"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "deterministic": _backend.is_deterministic(),
+    }
+
+
+def format_info(data: dict | None = None) -> str:
+    data = info() if data is None else data
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in value.items())
+        lines.append(f"{key:>18}: {value}")
+    return "\n".join(lines)
