@@ -9,7 +9,6 @@ Every op has one meaning (its reference in ``pykernels.reference``) and several 
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import threading
@@ -23,8 +22,7 @@ _state = threading.local()
 _deterministic_default = False
 
 
-@functools.lru_cache(maxsize=None)
-def _build_info() -> dict:
+def _load_build_info() -> dict:
     try:
         from . import _C
     except ImportError as exc:  # pragma: no cover - only when the extension is missing
@@ -34,21 +32,29 @@ def _build_info() -> dict:
     return info
 
 
+# Read once at import: engine selection runs inside traced code, where these must be constants.
+BUILD_INFO = _load_build_info()
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def _build_info() -> dict:
+    return BUILD_INFO
+
+
 def cpp_available() -> bool:
-    return _build_info()["cpp"]
+    return BUILD_INFO["cpp"]
 
 
 def cuda_built() -> bool:
-    return bool(_build_info().get("cuda"))
+    return bool(BUILD_INFO.get("cuda"))
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_usable_on(device: torch.device) -> bool:

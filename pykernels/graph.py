@@ -347,7 +347,7 @@ def scatter(src: torch.Tensor, index: torch.Tensor, dim: int = 0, dim_size: int 
     dim_size = _check_size(op, "dim_size", dim_size)
     moved = src.movedim(dim, 0)
     rest = moved.shape[1:]
-    flat = moved.reshape(moved.size(0), 1, -1)
+    flat = moved.reshape(moved.size(0), 1, rest.numel())
     engine = _backend.select(op, backend, src.device)
     positions = torch.arange(index.numel(), device=index.device, dtype=index.dtype)
     ns = getattr(torch.ops, _csr_namespace(src.device))

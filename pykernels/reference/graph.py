@@ -28,16 +28,18 @@ def scatter(src: torch.Tensor, index: torch.Tensor, dim_size: int, reduce: str):
     if reduce not in ("max", "min"):
         raise ValueError(f"reduce must be sum, mean, max or min, got {reduce!r}")
     amax = "amax" if reduce == "max" else "amin"
-    out = torch.zeros(shape, dtype=src.dtype, device=src.device).scatter_reduce(
-        0, idx, src, reduce=amax, include_self=False)
-    out = torch.where(count > 0, out, torch.zeros_like(out))
+    best = torch.zeros(shape, dtype=src.dtype, device=src.device).scatter_reduce(
+        0, idx, src.detach(), reduce=amax, include_self=False)
     # NaN wins a max/min (as in torch), so compare NaN-aware.
-    winner = (src == out.gather(0, idx)) | (src.isnan() & out.gather(0, idx).isnan())
+    winner = (src.detach() == best.gather(0, idx)) | (src.isnan() & best.gather(0, idx).isnan())
     pos = torch.arange(src.size(0), device=src.device).view((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
     candidates = torch.where(winner, pos, torch.full_like(pos, src.size(0)))
     arg = torch.full(shape, src.size(0), dtype=torch.long, device=src.device).scatter_reduce(
         0, idx, candidates, reduce="amin", include_self=True)
-    return out, arg
+    # The value (and so the gradient) is the winning element itself: ties go to the lowest position,
+    # where torch.scatter_reduce would split the gradient between them.
+    padded = torch.cat([src, src.new_zeros((1,) + tuple(src.shape[1:]))])
+    return padded.gather(0, arg), arg
 
 
 def spmm(target, source, num_targets: int, x, weight=None, reduce: str = "sum"):

@@ -1,0 +1,51 @@
+"""Test helpers shared by the test suite and the benchmarks: tolerances, engines, random graphs."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+# (atol, rtol) per dtype for engine-vs-reference comparisons, the reference run in float64.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def engines_for(device: torch.device | str = "cpu") -> list[str]:
+    """Engines that can run on ``device`` in this process."""
+    device = torch.device(device)
+    return [e for e in _backend.ENGINES if _backend.engine_unavailable_reason(e, device) is None]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0,
+                 msg: str = "") -> None:
+    """Compares ``actual`` with a (usually float64) ``expected`` using the tolerance of ``dtype``."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale,
+                               equal_nan=True, msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+def random_graph(num_nodes: int, num_edges: int, *, num_targets: int | None = None, seed: int = 0,
+                 power_law: float | None = None, self_loops: bool = True, device="cpu") -> torch.Tensor:
+    """A random ``edge_index``; with ``power_law`` the targets' in-degrees follow a Zipf-like law.
+
+    Duplicate edges, self loops and isolated nodes occur naturally, which is what tests want.
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_targets = num_nodes if num_targets is None else num_targets
+    if num_edges and (num_nodes == 0 or num_targets == 0):
+        raise ValueError("edges need nodes")
+    source = torch.randint(0, max(num_nodes, 1), (num_edges,), generator=g)
+    if power_law is None:
+        target = torch.randint(0, max(num_targets, 1), (num_edges,), generator=g)
+    else:
+        ranks = torch.arange(1, num_targets + 1, dtype=torch.float64)
+        probs = ranks.pow(-power_law)
+        target = torch.multinomial(probs / probs.sum(), num_edges, replacement=True, generator=g)
+        target = torch.randperm(num_targets, generator=g)[target]
+    if not self_loops and num_nodes == num_targets:
+        source = torch.where(source == target, (source + 1) % max(num_nodes, 1), source)
+    return torch.stack([source, target]).to(device)
