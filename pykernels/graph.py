@@ -43,7 +43,7 @@ def _check_index_tensor(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def _check_size(op: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{op}: {name} must be non-negative, got {value}")

@@ -5,8 +5,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
 
 #include "common/checks.h"
 #include "common/cpu_vec.h"
@@ -49,37 +47,72 @@ void spmm_sum_rows(const int64_t* rowptr, const int64_t* col, const T* weight, c
   });
 }
 
+// max/min of w * x[j] over a row's edges, with the CSR position of the winner. The running winner is a
+// 32-bit offset into the row, the same width as a float lane, so the branch-free update vectorises.
+// Ties keep the first edge (strict comparison); a NaN wins once and then sticks, as in torch, because
+// every comparison against a NaN best is false.
+template <bool IsMax, typename A, typename X>
+inline void arg_update_impl(A* __restrict best, int32_t* __restrict arg, const X* __restrict x, A w,
+                            int32_t offset, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) {
+    const A v = w * static_cast<A>(x[f]);
+    const bool take = (IsMax ? v > best[f] : v < best[f]) || (v != v && best[f] == best[f]);
+    best[f] = take ? v : best[f];
+    arg[f] = take ? offset : arg[f];
+  }
+}
+PK_CPU_CLONES void arg_update(float* best, int32_t* arg, const float* x, float w, int32_t offset, int64_t n,
+                              bool is_max) {
+  is_max ? arg_update_impl<true>(best, arg, x, w, offset, n) : arg_update_impl<false>(best, arg, x, w, offset, n);
+}
+PK_CPU_CLONES void arg_update(double* best, int32_t* arg, const double* x, double w, int32_t offset, int64_t n,
+                              bool is_max) {
+  is_max ? arg_update_impl<true>(best, arg, x, w, offset, n) : arg_update_impl<false>(best, arg, x, w, offset, n);
+}
+template <typename X>
+void arg_update(float* best, int32_t* arg, const X* x, float w, int32_t offset, int64_t n, bool is_max) {
+  is_max ? arg_update_impl<true>(best, arg, x, w, offset, n) : arg_update_impl<false>(best, arg, x, w, offset, n);
+}
+
 template <typename T>
 void spmm_arg_rows(const int64_t* rowptr, const int64_t* col, const T* weight, const T* x, T* out, int64_t* arg,
                    int64_t num_rows, int64_t heads, int64_t feats, bool is_max) {
   using A = cpu::acc_t<T>;
   const int64_t hf = heads * feats;
+  for (int64_t i = 0; i < num_rows; ++i)
+    TORCH_CHECK(rowptr[i + 1] - rowptr[i] < (int64_t(1) << 31), "pykernels.spmm: max/min supports in-degrees below 2^31");
   const int64_t avg_deg = std::max<int64_t>(1, num_rows ? rowptr[num_rows] / num_rows : 1);
   at::parallel_for(0, num_rows, grain_for(num_rows, avg_deg * hf), [&](int64_t begin, int64_t end) {
     std::vector<A> best(hf);
+    std::vector<int32_t> local(hf);
     for (int64_t i = begin; i < end; ++i) {
       int64_t* arg_i = arg + i * hf;
-      std::fill(best.begin(), best.end(), is_max ? -std::numeric_limits<A>::infinity()
-                                                 : std::numeric_limits<A>::infinity());
-      std::fill(arg_i, arg_i + hf, int64_t(-1));
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+      T* out_i = out + i * hf;
+      const int64_t e0 = rowptr[i];
+      if (e0 == rowptr[i + 1]) {
+        std::fill(arg_i, arg_i + hf, int64_t(-1));
+        std::fill(out_i, out_i + hf, T(0));
+        continue;
+      }
+      // The first edge seeds the running best, so a row of -inf messages still reports -inf and its edge.
+      const T* x0 = x + col[e0] * hf;
+      for (int64_t h = 0; h < heads; ++h) {
+        const A w = weight ? cpu::to_acc(weight[e0 * heads + h]) : A(1);
+        for (int64_t f = h * feats; f < (h + 1) * feats; ++f) best[f] = w * cpu::to_acc(x0[f]);
+      }
+      std::fill(local.begin(), local.end(), 0);
+      for (int64_t e = e0 + 1; e < rowptr[i + 1]; ++e) {
         const T* xj = x + col[e] * hf;
         for (int64_t h = 0; h < heads; ++h) {
           const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
-          for (int64_t f = h * feats; f < (h + 1) * feats; ++f) {
-            const A v = w * cpu::to_acc(xj[f]);
-            // Strict comparison keeps the first edge on ties; a NaN wins once and then sticks, as in torch.
-            const bool better = is_max ? (v > best[f]) : (v < best[f]);
-            if (std::isnan(best[f])) continue;
-            if (arg_i[f] < 0 || better || std::isnan(v)) {
-              best[f] = v;
-              arg_i[f] = e;
-            }
-          }
+          arg_update(best.data() + h * feats, local.data() + h * feats, xj + h * feats, w,
+                     static_cast<int32_t>(e - e0), feats, is_max);
         }
       }
-      T* out_i = out + i * hf;
-      for (int64_t f = 0; f < hf; ++f) out_i[f] = arg_i[f] < 0 ? T(0) : static_cast<T>(best[f]);
+      for (int64_t f = 0; f < hf; ++f) {
+        out_i[f] = static_cast<T>(best[f]);
+        arg_i[f] = e0 + local[f];
+      }
     }
   });
 }

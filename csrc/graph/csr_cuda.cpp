@@ -1,0 +1,67 @@
+// CUDA launcher for coo_to_csr. Validation costs one device-to-host copy, and so one stream sync: the
+// error must name the first out-of-range edge, exactly as the CPU engine does, and the fill must never
+// see out-of-range rows. It is the only sync in the graph CUDA engine, paid once per graph.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_launch.h"
+#include "graph/graph_cuda.h"
+
+namespace pk {
+namespace {
+
+static_assert(sizeof(cuda::CooStatus) == 3 * sizeof(int64_t), "CooStatus is read back as three int64");
+
+template <typename I>
+void build_csr(const at::Tensor& row, const at::Tensor& col, int64_t num_rows, int64_t num_cols,
+               const std::string& ctx, at::Tensor& rowptr, at::Tensor& col_out, at::Tensor& perm) {
+  auto status = at::empty({3}, row.options().dtype(at::kLong));
+  cuda::CooToCsrParams<I> p{row.data_ptr<I>(), col.data_ptr<I>(), row.numel(), num_rows, num_cols,
+                            rowptr.data_ptr<int64_t>(), col_out.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+                            reinterpret_cast<cuda::CooStatus*>(status.data_ptr<int64_t>()), nullptr,
+                            cuda::current_stream()};
+  C10_CUDA_CHECK(cuda::coo_to_csr_count(p));
+  const auto found = status.cpu();  // the sync
+  const int64_t pos = found.data_ptr<int64_t>()[0], bad_row = found.data_ptr<int64_t>()[1],
+                bad_col = found.data_ptr<int64_t>()[2];
+  if (pos >= 0) {
+    TORCH_CHECK_INDEX(bad_row >= 0 && bad_row < num_rows, ctx, " holds target index ", bad_row, " at position ", pos,
+                      ", out of range for ", num_rows, " target nodes");
+    TORCH_CHECK_INDEX(false, ctx, " holds source index ", bad_col, " at position ", pos, ", out of range for ",
+                      num_cols, " source nodes");
+  }
+  const auto bytes = static_cast<int64_t>(cuda::coo_to_csr_workspace_bytes<I>(p.num_edges, num_rows));
+  auto workspace = at::empty({bytes}, row.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(cuda::coo_to_csr_fill(p));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor& row, const at::Tensor& col,
+                                                               int64_t num_rows, int64_t num_cols,
+                                                               c10::string_view context) {
+  const std::string ctx(context);
+  TORCH_CHECK(num_rows >= 0 && num_cols >= 0, ctx, ": node counts must be non-negative, got ", num_rows, " and ",
+              num_cols);
+  TORCH_CHECK(row.dim() == 1 && col.dim() == 1 && row.numel() == col.numel(), ctx,
+              ": row and col must be 1-D of equal length");
+  TORCH_CHECK(row.scalar_type() == col.scalar_type() &&
+                  (row.scalar_type() == at::kLong || row.scalar_type() == at::kInt),
+              ctx, ": indices must be int32 or int64, got ", row.scalar_type());
+  PK_CHECK_SAME_DEVICE(ctx, "col", col, row);
+  const c10::cuda::CUDAGuard guard(row.device());
+  const auto r = row.contiguous(), c = col.contiguous();
+  auto opts = r.options().dtype(at::kLong);
+  auto rowptr = at::empty({num_rows + 1}, opts);
+  auto col_out = at::empty({r.numel()}, opts);
+  auto perm = at::empty({r.numel()}, opts);
+  AT_DISPATCH_INDEX_TYPES(r.scalar_type(), "coo_to_csr_cuda",
+                          [&] { build_csr<index_t>(r, c, num_rows, num_cols, ctx, rowptr, col_out, perm); });
+  return {rowptr, col_out, perm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) { m.impl("coo_to_csr", &coo_to_csr_cuda); }
+
+}  // namespace pk

@@ -1,0 +1,101 @@
+// CUDA launchers for spmm and spmm_arg_backward: the CPU engine's entry checks (spmm_cpu.cpp), plus
+// device checks, then one enqueue on the current stream. The transpose is only read by the backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_launch.h"
+#include "graph/graph_checks.h"
+#include "graph/graph_cuda.h"
+
+namespace pk {
+namespace {
+
+cuda::Reduce parse_reduce(c10::string_view reduce) {
+  if (reduce == "sum") return cuda::Reduce::kSum;
+  if (reduce == "mean") return cuda::Reduce::kMean;
+  if (reduce == "max") return cuda::Reduce::kMax;
+  if (reduce == "min") return cuda::Reduce::kMin;
+  TORCH_CHECK(false, "pykernels.spmm: reduce must be one of sum, mean, max, min; got '", std::string(reduce), "'");
+}
+
+std::tuple<at::Tensor, at::Tensor> spmm_cuda(const at::Tensor& rowptr, const at::Tensor& col,
+                                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>& weight,
+                                             const at::Tensor& x, c10::string_view reduce_name) {
+  constexpr const char* op = "pykernels.spmm";
+  const cuda::Reduce reduce = parse_reduce(reduce_name);
+  check_csr(op, rowptr, col);
+  PK_CHECK_FLOAT_TENSOR(op, "x", x);
+  PK_CHECK_DIM(op, "x", x, 3);
+  PK_CHECK_SAME_DEVICE(op, "x", x, rowptr);
+  const int64_t num_rows = rowptr.numel() - 1, heads = x.size(1), feats = x.size(2);
+  if (weight) {
+    check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+    PK_CHECK_SAME_DEVICE(op, "edge_weight", *weight, rowptr);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({num_rows, heads, feats}, x.options());
+  const bool with_arg = reduce == cuda::Reduce::kMax || reduce == cuda::Reduce::kMin;
+  auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
+  PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_cuda", [&] {
+    cuda::spmm(cuda::SpmmParams<cuda::cuda_scalar_t<scalar_t>>{
+        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows}, cuda::data<scalar_t>(weight), cuda::data<scalar_t>(x), cuda::data<scalar_t>(out),
+        with_arg ? arg.data_ptr<int64_t>() : nullptr, heads, feats, reduce, cuda::current_stream()});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, arg};
+}
+
+std::tuple<at::Tensor, at::Tensor> spmm_arg_backward_cuda(const at::Tensor& rowptr, const at::Tensor& col,
+                                                          const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                                          const at::Tensor& perm_t,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& arg, const at::Tensor& grad_out,
+                                                          const at::Tensor& x, bool weight_grad) {
+  constexpr const char* op = "pykernels.spmm_arg_backward";
+  check_csr(op, rowptr, col);
+  check_csr(op, rowptr_t, col_t);
+  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
+  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
+  PK_CHECK_FLOAT_TENSOR(op, "x", x);
+  PK_CHECK_INDEX_TENSOR(op, "arg", arg);
+  PK_CHECK_DIM(op, "x", x, 3);
+  PK_CHECK_SAME_DEVICE(op, "rowptr_t", rowptr_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "perm_t", perm_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "arg", arg, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "grad_out", grad_out, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "x", x, rowptr);
+  const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
+  const int64_t heads = x.size(1), feats = x.size(2);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({num_rows, heads, feats}) && arg.sizes() == grad_out.sizes(), op,
+              ": grad_out/arg shape mismatch");
+  TORCH_CHECK(x.size(0) == num_cols, op, ": x has ", x.size(0), " rows, graph has ", num_cols, " sources");
+  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per transposed edge");
+  if (weight) {
+    check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+    PK_CHECK_SAME_DEVICE(op, "edge_weight", *weight, rowptr);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto grad_x = at::empty_like(x);
+  auto grad_w = weight_grad ? at::empty({col.numel(), heads}, x.options()) : at::empty({0}, x.options());
+  PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_arg_backward_cuda", [&] {
+    cuda::spmm_arg_backward(cuda::SpmmArgBackwardParams<cuda::cuda_scalar_t<scalar_t>>{
+        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows},
+        {rowptr_t.data_ptr<int64_t>(), col_t.data_ptr<int64_t>(), num_cols}, perm_t.data_ptr<int64_t>(),
+        cuda::data<scalar_t>(weight), arg.data_ptr<int64_t>(), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(x),
+        cuda::data<scalar_t>(grad_x), weight_grad ? cuda::data<scalar_t>(grad_w) : nullptr, heads, feats,
+        cuda::current_stream()});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("spmm", &spmm_cuda);
+  m.impl("spmm_arg_backward", &spmm_arg_backward_cuda);
+}
+
+}  // namespace pk

@@ -1,0 +1,32 @@
+"""What a benchmark is: one workload, several providers computing the same thing on the same data."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    mode: str  # "fwd" or "fwd+bwd"
+    # provider name -> zero-argument callable; the first provider is the pykernels one.
+    providers: dict[str, Callable[[], object]]
+    # Minimum bytes the op must move (read + write); effective GB/s = bytes / time. None when not meaningful.
+    bytes_moved: int | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class LazyData:
+    """Builds a dataset on first use and keeps only the most recent one alive."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, key, build):
+        if key != self._key:
+            self._value = None
+            self._value = build()
+            self._key = key
+        return self._value

@@ -1,0 +1,200 @@
+"""``python -m pykernels bench``: runs each family against its baselines and writes the report."""
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .._info import info
+from .timing import peak_memory_mb, time_fn
+
+FAMILIES = ("graph",)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small sizes only (minutes on a laptop CPU)")
+    parser.add_argument("--only", choices=FAMILIES, action="append", help="run only this family (repeatable)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--output-dir", default="benchmarks/results", help="where the .md report and plots go")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def _load_family(name: str):
+    if name == "graph":
+        from . import graph
+
+        return graph
+    raise ValueError(name)
+
+
+class _Progress:
+    """tqdm when installed, else one line per measurement."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self._total, self._done, self._desc = total, 0, desc
+
+    def step(self, label: str) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(label[:60])
+            self._bar.update(1)
+        else:
+            print(f"[{self._desc} {self._done}/{self._total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _measure(fn, device, min_run_time):
+    try:
+        timing = time_fn(fn, device, min_run_time)
+        peak = peak_memory_mb(fn, device)
+        return timing, peak, None
+    except (RuntimeError, MemoryError) as exc:  # an OOM or unsupported baseline is a result, not a crash
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, None, first_line[:120]
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_family(name: str, device: torch.device, quick: bool, min_run_time: float) -> list[dict]:
+    family = _load_family(name)
+    cases = family.cases(device, quick)
+    progress = _Progress(sum(len(c.providers) for c in cases), name)
+    rows = []
+    for case in cases:
+        results = {}
+        for provider, fn in case.providers.items():
+            progress.step(f"{case.name} [{case.mode}] {provider}")
+            results[provider] = _measure(fn, device, min_run_time)
+        ours_name = next(iter(case.providers))
+        ours = results[ours_name][0]
+        for provider, (timing, peak, error) in results.items():
+            row = {"case": case.name, "mode": case.mode, "provider": provider, "error": error}
+            if timing is not None:
+                row.update(median=timing.median_ms, p20=timing.p20_ms, p80=timing.p80_ms, peak=peak)
+                if case.bytes_moved:
+                    row["gbps"] = case.bytes_moved / (timing.median_ms * 1e-3) / 1e9
+                if ours is not None and provider != ours_name:
+                    row["speedup"] = timing.median_ms / ours.median_ms
+            rows.append(row)
+    progress.close()
+    return rows
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| case | mode | provider | median ms | p20–p80 ms | GB/s | peak MiB | pykernels speed-up |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | — | — | — | — | failed: {r['error']} |")
+            continue
+        speedup = f"**{r['speedup']:.2f}×**" if "speedup" in r else "(ours)"
+        lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | {r['median']:.3f} | "
+                     f"{r['p20']:.3f}–{r['p80']:.3f} | {_fmt(r.get('gbps'), '.1f')} | {r['peak']:.1f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def plot_family(rows: list[dict], name: str, title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ratios = [r for r in rows if "speedup" in r]
+    if not ratios:
+        return False
+    labels = [f"{r['case'].split(' · ')[0]} · {r['case'].split(' · ')[-1].split(' (')[0]} [{r['mode']}]\nvs {r['provider']}"
+              for r in ratios]
+    values = [r["speedup"] for r in ratios]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.32 * len(ratios))))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(values)), values, color=colors)
+    ax.set_yticks(range(len(values)), labels, fontsize=6)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("pykernels speed-up (baseline median time / pykernels median time), log scale")
+    ax.set_title(f"{name}: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    min_run_time = args.min_run_time or (0.1 if args.quick else 0.5)
+    families = args.only or list(FAMILIES)
+    name = device_name(device)
+    meta = info()
+    started = time.time()
+    header = [
+        f"# pykernels benchmarks on {name}",
+        "",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- command: `python -m pykernels bench {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}`".rstrip(),
+        f"- device: {name} ({device.type}); torch {meta['torch']}; triton {meta['triton']}; "
+        f"CPU capability {meta['cpu_capability']}; threads {meta['threads']}",
+        "- times are medians with 20th–80th percentiles; speed-up = the baseline's median / pykernels' median "
+        "measured in the same run (> 1 means pykernels is faster); peak MiB is what the torch allocator held "
+        "above its starting point during one call",
+        "",
+    ]
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = []
+    for family in families:
+        rows = run_family(family, device, args.quick, min_run_time)
+        table = markdown_table(rows)
+        print(f"\n## {family}\n\n{table}\n", flush=True)
+        body += [f"## {family}", "", table, ""]
+        if not args.no_plot:
+            png = out_dir / f"{_slug(name)}-{family}.png"
+            if plot_family(rows, family, name, png):
+                body += [f"![{family} speed-ups]({png.name})", ""]
+                print(f"plot: {png}")
+    report = out_dir / f"{_slug(name)}.md"
+    report.write_text("\n".join(header + body + [f"_total benchmark time: {time.time() - started:.0f} s_", ""]))
+    print(f"report: {report}")
+    return 0
