@@ -164,7 +164,7 @@ def plot_family(rows: list[dict], name: str, title: str, path: Path) -> bool:
 
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    min_run_time = args.min_run_time or (0.1 if args.quick else 0.5)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
     families = args.only or list(FAMILIES)
     name = device_name(device)
     meta = info()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,37 +22,51 @@ def _quantile(sorted_values, q):
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
-    """Median and 20th/80th percentiles of ``fn``'s wall time, after warm-up.
+def _summary(times_ms) -> Timing:
+    times_ms = sorted(times_ms)
+    return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8))
 
-    CPU: ``torch.utils.benchmark.Timer`` blocks (each sample is the mean of a block of calls, so the
-    percentiles describe block means). CUDA: ``triton.testing.do_bench`` when available (L2 flushed,
-    CUDA events), else CUDA events around each call.
+
+def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
+    """Median and 20th/80th percentiles of ``fn``'s wall time, after one warm-up call.
+
+    CUDA: ``triton.testing.do_bench`` when available (L2 flushed, CUDA events), else CUDA events. CPU: calls
+    slower than 20 ms are timed one by one (3 to 20 of them, about ``min_run_time`` in all); faster ones with
+    ``torch.utils.benchmark.Timer`` blocks, where each sample is the mean of a block of calls.
     """
-    fn()
     if device.type == "cuda":
+        fn()
         try:
             from triton.testing import do_bench
-
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
             med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(int(min_run_time * 1000), 25))
             return Timing(med, p20, p80)
-        except ImportError:
-            times = []
-            for _ in range(max(10, int(min_run_time * 100))):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            times.sort()
-            return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
+        times = []
+        for _ in range(max(10, int(min_run_time * 100))):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return _summary(times)
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if first >= 0.02:
+        times = []
+        for _ in range(min(20, max(3, int(min_run_time / first)))):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return _summary(times)
     timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(t * 1e3 for t in measurement.times)
-    if len(times) < 5:
-        times = sorted(times + [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times])
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8))
+    times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
+    while len(times) < 5:
+        times += [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time / 2).times]
+    return _summary(times)
 
 
 def peak_memory_mb(fn, device: torch.device) -> float:
