@@ -40,8 +40,9 @@ std::tuple<at::Tensor, at::Tensor> spmm_cuda(const at::Tensor& rowptr, const at:
   auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
   PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_cuda", [&] {
     cuda::spmm(cuda::SpmmParams<cuda::cuda_scalar_t<scalar_t>>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows}, cuda::data<scalar_t>(weight), cuda::data<scalar_t>(x), cuda::data<scalar_t>(out),
-        with_arg ? arg.data_ptr<int64_t>() : nullptr, heads, feats, reduce, cuda::current_stream()});
+        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows}, cuda::data<scalar_t>(weight),
+        cuda::data<scalar_t>(x), cuda::data<scalar_t>(out), with_arg ? arg.data_ptr<int64_t>() : nullptr, heads,
+        feats, reduce, cuda::current_stream()});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, arg};

@@ -2,8 +2,6 @@
 // features of one head, so x rows are read in coalesced (and, when feats % 4 == 0, vector) loads. A row
 // is reduced by one group in edge order: no atomics, the result does not depend on scheduling, and
 // max/min ties and NaNs resolve exactly as in the CPU engine.
-#include <cmath>
-
 #include "common/cuda_utils.cuh"
 #include "graph/graph_cuda.h"
 

@@ -1,0 +1,126 @@
+// CUDA launchers for graph_attention and its backward: the CPU engine's entry checks
+// (graph_attention_cpu.cpp), plus device checks and the shapes of out/grad_out, which the kernels index
+// directly.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "common/checks.h"
+#include "common/cuda_launch.h"
+#include "graph/graph_checks.h"
+#include "graph/graph_cuda.h"
+
+namespace pk {
+namespace {
+
+// The log-sum-exp is kept in the accumulation type: float32, or float64 for float64 inputs.
+at::ScalarType lse_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct AttnShapes {
+  int64_t num_rows, num_cols, heads, dqk, dv;
+};
+
+AttnShapes check_attention(const char* op, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& q,
+                           const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias) {
+  check_csr(op, rowptr, col);
+  PK_CHECK_FLOAT_TENSOR(op, "q", q);
+  PK_CHECK_FLOAT_TENSOR(op, "k", k);
+  PK_CHECK_FLOAT_TENSOR(op, "v", v);
+  PK_CHECK_DIM(op, "q", q, 3);
+  PK_CHECK_DIM(op, "k", k, 3);
+  PK_CHECK_DIM(op, "v", v, 3);
+  PK_CHECK_SAME_DEVICE(op, "q", q, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "k", k, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "v", v, rowptr);
+  AttnShapes s{rowptr.numel() - 1, k.size(0), q.size(1), q.size(2), v.size(2)};
+  TORCH_CHECK(q.size(0) == s.num_rows, op, ": q has ", q.size(0), " rows, graph has ", s.num_rows, " targets");
+  TORCH_CHECK(k.size(1) == s.heads && v.size(1) == s.heads && k.size(2) == s.dqk && v.size(0) == s.num_cols, op,
+              ": q, k, v shapes disagree: ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype");
+  if (bias) {
+    check_edge_values(op, "edge_bias", *bias, col.numel(), s.heads, q.scalar_type());
+    PK_CHECK_SAME_DEVICE(op, "edge_bias", *bias, rowptr);
+  }
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> graph_attention_cuda(const at::Tensor& rowptr, const at::Tensor& col,
+                                                        const std::optional<at::Tensor>&,
+                                                        const std::optional<at::Tensor>&,
+                                                        const std::optional<at::Tensor>&, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& bias, double scale) {
+  const AttnShapes s = check_attention("pykernels.graph_attention", rowptr, col, q, k, v, bias);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty({s.num_rows, s.heads, s.dv}, q.options());
+  auto lse = at::empty({s.num_rows, s.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
+  PK_DISPATCH_FLOATS(q.scalar_type(), "graph_attention_cuda", [&] {
+    using T = cuda::cuda_scalar_t<scalar_t>;
+    using A = cuda::acc_t<T>;
+    cuda::graph_attention(cuda::GraphAttentionParams<T>{
+        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s.num_rows}, cuda::data<scalar_t>(q),
+        cuda::data<scalar_t>(k), cuda::data<scalar_t>(v), cuda::data<scalar_t>(bias), cuda::data<scalar_t>(out),
+        lse.data_ptr<A>(), s.heads, s.dqk, s.dv, static_cast<A>(scale), cuda::current_stream()});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_attention_backward_cuda(
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t, const at::Tensor& col_t,
+    const at::Tensor& perm_t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
+    double scale, bool bias_grad) {
+  constexpr const char* op = "pykernels.graph_attention_backward";
+  const AttnShapes s = check_attention(op, rowptr, col, q, k, v, bias);
+  check_csr(op, rowptr_t, col_t);
+  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
+  TORCH_CHECK(rowptr_t.numel() - 1 == s.num_cols, op, ": transpose has ", rowptr_t.numel() - 1, " rows, expected ",
+              s.num_cols);
+  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per transposed edge");
+  PK_CHECK_FLOAT_TENSOR(op, "out", out);
+  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.is_contiguous(), op,
+              ": lse must be contiguous ", lse_dtype(q.scalar_type()));
+  const std::array<int64_t, 3> out_shape{s.num_rows, s.heads, s.dv};
+  TORCH_CHECK(out.sizes().equals(out_shape) && grad_out.sizes().equals(out_shape), op, ": out and grad_out must be ",
+              at::IntArrayRef(out_shape), ", got ", out.sizes(), " and ", grad_out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.num_rows, s.heads}), op, ": lse must be [", s.num_rows, ", ",
+              s.heads, "], got ", lse.sizes());
+  PK_CHECK_SAME_DEVICE(op, "rowptr_t", rowptr_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "perm_t", perm_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "out", out, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "lse", lse, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "grad_out", grad_out, rowptr);
+  const int64_t num_edges = col.numel();
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dbias = bias_grad ? at::empty({num_edges, s.heads}, q.options()) : at::empty({0}, q.options());
+  auto probs = at::empty({num_edges, s.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
+  auto dscore = at::empty_like(probs);
+  PK_DISPATCH_FLOATS(q.scalar_type(), "graph_attention_backward_cuda", [&] {
+    using T = cuda::cuda_scalar_t<scalar_t>;
+    using A = cuda::acc_t<T>;
+    cuda::graph_attention_backward(cuda::GraphAttentionBackwardParams<T>{
+        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s.num_rows},
+        {rowptr_t.data_ptr<int64_t>(), col_t.data_ptr<int64_t>(), s.num_cols}, perm_t.data_ptr<int64_t>(),
+        cuda::data<scalar_t>(q), cuda::data<scalar_t>(k), cuda::data<scalar_t>(v), cuda::data<scalar_t>(bias),
+        cuda::data<scalar_t>(out), lse.data_ptr<A>(), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(dq),
+        cuda::data<scalar_t>(dk), cuda::data<scalar_t>(dv), bias_grad ? cuda::data<scalar_t>(dbias) : nullptr,
+        probs.data_ptr<A>(), dscore.data_ptr<A>(), s.heads, s.dqk, s.dv, static_cast<A>(scale),
+        cuda::current_stream()});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("graph_attention", &graph_attention_cuda);
+  m.impl("graph_attention_backward", &graph_attention_backward_cuda);
+}
+
+}  // namespace pk
