@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import CSR, edge_softmax, spmm
-from ._common import append_self_loops, as_csr, endpoints, fill_loop_attr, glorot, pair
+from ..graph import CSR, edge_softmax, sddmm, spmm
+from ._common import append_self_loops, as_csr, fill_loop_attr, glorot, pair
 
 
 class GATConv(nn.Module):
@@ -80,11 +80,13 @@ class GATConv(nn.Module):
         if self.add_self_loops and not isinstance(edge_index, CSR):
             edge_index, edge_attr, keep = self._self_loops(edge_index, edge_attr, n_src, n_dst)
         graph = as_csr(edge_index, n_src, n_dst)
-        source, target = endpoints(graph, edge_index)
 
-        alpha = (h_src * self.att_src).sum(-1).index_select(0, source)
-        if h_dst is not None:
-            alpha = alpha + (h_dst * self.att_dst).sum(-1).index_select(0, target)
+        logit_src = (h_src * self.att_src).sum(-1)
+        logit_dst = (h_dst * self.att_dst).sum(-1) if h_dst is not None else logit_src.new_zeros(n_dst, heads)
+        # One SDDMM of [a_d, 1] . [1, a_s] forms a_d[i] + a_s[j] per edge; its backward is an SpMM over the
+        # cached transpose instead of the scatter-add that gathering [N, H] logits to edges costs.
+        alpha = sddmm(graph, torch.stack([logit_dst, torch.ones_like(logit_dst)], -1),
+                      torch.stack([torch.ones_like(logit_src), logit_src], -1), backend=self.backend)
         if edge_attr is not None:
             # a_e . (W_e e) per head is e . (W_e^T a_e): fold att_edge into lin_edge, one [D, H] matrix.
             att_edge = self.lin_edge.weight.view(heads, channels, -1) * self.att_edge.view(heads, channels, 1)
