@@ -14,34 +14,6 @@
 namespace pk {
 namespace {
 
-// The log-sum-exp is kept in the accumulation type: float32, or float64 for float64 inputs.
-inline at::ScalarType lse_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-struct AttnShapes {
-  int64_t num_rows, num_cols, heads, dqk, dv;
-};
-
-AttnShapes check_attention(const char* op, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& q,
-                           const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias) {
-  check_csr(op, rowptr, col);
-  PK_CHECK_FLOAT_TENSOR(op, "q", q);
-  PK_CHECK_FLOAT_TENSOR(op, "k", k);
-  PK_CHECK_FLOAT_TENSOR(op, "v", v);
-  PK_CHECK_DIM(op, "q", q, 3);
-  PK_CHECK_DIM(op, "k", k, 3);
-  PK_CHECK_DIM(op, "v", v, 3);
-  AttnShapes s{rowptr.numel() - 1, k.size(0), q.size(1), q.size(2), v.size(2)};
-  TORCH_CHECK(q.size(0) == s.num_rows, op, ": q has ", q.size(0), " rows, graph has ", s.num_rows, " targets");
-  TORCH_CHECK(k.size(1) == s.heads && v.size(1) == s.heads && k.size(2) == s.dqk && v.size(0) == s.num_cols, op,
-              ": q, k, v shapes disagree: ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share a dtype");
-  if (bias) check_edge_values(op, "edge_bias", *bias, col.numel(), s.heads, q.scalar_type());
-  return s;
-}
-
 template <typename T, typename A = cpu::acc_t<T>>
 void forward_rows(const int64_t* rp, const int64_t* cl, const T* q, const T* k, const T* v, const T* bias, T* out,
                   A* lse, const AttnShapes& s, A scale) {

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "graph/reduce.h"
+
 namespace pk::cuda {
 
 // fp16/bf16/fp32 accumulate in float, fp64 in double; also the dtype of the attention lse and of the
@@ -56,7 +58,7 @@ cudaError_t coo_to_csr_fill(const CooToCsrParams<I>& p);
 
 // ------------------------------------------------------------------------------------------------ spmm
 
-enum class Reduce { kSum, kMean, kMax, kMin };
+using pk::Reduce;
 
 template <typename T>
 struct SpmmParams {

@@ -13,16 +13,6 @@
 namespace pk {
 namespace {
 
-enum class Reduce { kSum, kMean, kMax, kMin };
-
-Reduce parse_reduce(c10::string_view reduce) {
-  if (reduce == "sum") return Reduce::kSum;
-  if (reduce == "mean") return Reduce::kMean;
-  if (reduce == "max") return Reduce::kMax;
-  if (reduce == "min") return Reduce::kMin;
-  TORCH_CHECK(false, "pykernels.spmm: reduce must be one of sum, mean, max, min; got '", std::string(reduce), "'");
-}
-
 template <typename T>
 void spmm_sum_rows(const int64_t* rowptr, const int64_t* col, const T* weight, const T* x, T* out,
                    int64_t num_rows, int64_t heads, int64_t feats, bool mean) {

@@ -11,20 +11,12 @@
 namespace pk {
 namespace {
 
-cuda::Reduce parse_reduce(c10::string_view reduce) {
-  if (reduce == "sum") return cuda::Reduce::kSum;
-  if (reduce == "mean") return cuda::Reduce::kMean;
-  if (reduce == "max") return cuda::Reduce::kMax;
-  if (reduce == "min") return cuda::Reduce::kMin;
-  TORCH_CHECK(false, "pykernels.spmm: reduce must be one of sum, mean, max, min; got '", std::string(reduce), "'");
-}
-
 std::tuple<at::Tensor, at::Tensor> spmm_cuda(const at::Tensor& rowptr, const at::Tensor& col,
                                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>& weight,
                                              const at::Tensor& x, c10::string_view reduce_name) {
   constexpr const char* op = "pykernels.spmm";
-  const cuda::Reduce reduce = parse_reduce(reduce_name);
+  const Reduce reduce = parse_reduce(reduce_name);
   check_csr(op, rowptr, col);
   PK_CHECK_FLOAT_TENSOR(op, "x", x);
   PK_CHECK_DIM(op, "x", x, 3);
@@ -36,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_cuda(const at::Tensor& rowptr, const at:
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({num_rows, heads, feats}, x.options());
-  const bool with_arg = reduce == cuda::Reduce::kMax || reduce == cuda::Reduce::kMin;
+  const bool with_arg = reduce == Reduce::kMax || reduce == Reduce::kMin;
   auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
   PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_cuda", [&] {
     cuda::spmm(cuda::SpmmParams<cuda::cuda_scalar_t<scalar_t>>{
