@@ -59,6 +59,7 @@ def _fwd_bwd(fn, *leaves):
         out = fn()
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return out
     return run
 
 
@@ -95,15 +96,15 @@ def _spmm_cases(spec, device, get):
                     return lambda: body(x_for(name))
                 return lambda: _fwd_bwd(lambda: body(x_for(name)), x_for(name))()
 
+            # Default arguments bind this iteration's reduction: a bare closure would see the loop's last one.
             providers = {
-                "pykernels": wrap("pk", lambda x: pk.spmm(get()["csr"], x, get()["w"], reduce)),
-                "torch.sparse.mm (CSR)": wrap("sp", lambda x: torch.sparse.mm(get()["A"], x, sparse_reduce)
-                                                  if reduce != "sum" else torch.sparse.mm(get()["A"], x)),
+                "pykernels": wrap("pk", lambda x, r=reduce: pk.spmm(get()["csr"], x, get()["w"], r)),
+                "torch.sparse.mm (CSR)": wrap("sp", lambda x, r=sparse_reduce: torch.sparse.mm(get()["A"], x, r)
+                                              if r != "sum" else torch.sparse.mm(get()["A"], x)),
             }
             if pyg_scatter is not None:
-                providers["PyG gather-scatter"] = wrap("pyg", lambda x: pyg_scatter(
-                    x.index_select(0, get()["ei"][0]) * get()["w"].unsqueeze(1), get()["ei"][1], 0, spec.nodes,
-                    reduce))
+                providers["PyG gather-scatter"] = wrap("pyg", lambda x, r=reduce: pyg_scatter(
+                    x.index_select(0, get()["ei"][0]) * get()["w"].unsqueeze(1), get()["ei"][1], 0, spec.nodes, r))
             if reduce == "sum":
                 providers["torch index_add_"] = wrap("ia", lambda x: torch.zeros_like(x).index_add_(
                     0, get()["ei"][1], x.index_select(0, get()["ei"][0]) * get()["w"].unsqueeze(1)))
@@ -221,11 +222,11 @@ def _layer_cases(spec, device, get):
     return cases
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool, specs: list[GraphSpec] | None = None) -> list[Case]:
     """All cases; ``quick`` keeps Cora and PubMed whole and, at ogbn-arxiv size, the headline cases
     (SpMM sum, fused graph attention, GATConv), so the family finishes in a few minutes on two cores."""
     out = []
-    for spec in SPECS:
+    for spec in SPECS if specs is None else specs:
         if quick and not spec.quick:
             continue
         get = lambda spec=spec: _data.get((spec, device), lambda: _build(spec, device))

@@ -1,0 +1,52 @@
+"""The benchmark report measures what it says: every provider of a case computes the same thing."""
+import pytest
+import torch
+
+from pykernels.bench import graph as graph_bench
+from pykernels.reference import graph as ref
+from pykernels.bench.runner import markdown_table, run_family
+
+pytestmark = pytest.mark.graph
+
+TINY = [graph_bench.GraphSpec("tiny", 40, 300, 8)]
+
+
+def _first_tensor(result):
+    while isinstance(result, (tuple, list)):
+        result = result[0]
+    return result
+
+
+def test_graph_bench_providers_agree():
+    cases = graph_bench.cases(torch.device("cpu"), quick=True, specs=TINY)
+    assert {c.name.split(" · ")[0] for c in cases} >= {"spmm sum", "spmm mean", "spmm max", "scatter sum",
+                                                        "scatter max", "GATConv layer"}
+    for case in cases:
+        results = {name: fn() for name, fn in case.providers.items()}
+        ours = _first_tensor(results.pop(next(iter(case.providers))))
+        for name, result in results.items():
+            torch.testing.assert_close(_first_tensor(result).to(ours.dtype), ours, atol=1e-4, rtol=1e-4,
+                                       msg=f"{case.name}: {name}")
+
+
+def test_graph_bench_spmm_cases_compute_their_named_reduction():
+    cases = graph_bench.cases(torch.device("cpu"), quick=True, specs=TINY)
+    spmm_cases = [c for c in cases if c.name.startswith("spmm")]
+    assert len(spmm_cases) == 4
+    for case in spmm_cases:
+        reduce = case.name.split(" · ")[0].split()[1]
+        outputs = {name: fn().detach() for name, fn in case.providers.items()}
+        data = graph_bench._data.get((TINY[0], torch.device("cpu")), None)
+        expected, _ = ref.spmm(data["ei"][1], data["ei"][0], TINY[0].nodes, data["x"], data["w"],
+                               reduce)
+        for name, out in outputs.items():
+            torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=f"{case.name} [{case.mode}] {name}")
+
+
+def test_runner_reports_speedups(monkeypatch):
+    monkeypatch.setattr(graph_bench, "SPECS", TINY)
+    rows = run_family("graph", torch.device("cpu"), quick=True, min_run_time=0.001)
+    assert all(r["error"] is None for r in rows)
+    assert any("speedup" in r for r in rows)
+    table = markdown_table(rows)
+    assert "| spmm sum · tiny" in table and "(ours)" in table
