@@ -112,16 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_attention_backw
     const at::Tensor& perm_t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
     double scale, bool bias_grad) {
-  constexpr const char* op = "pykernels.graph_attention_backward";
-  const AttnShapes s = check_attention(op, rowptr, col, q, k, v, bias);
-  check_csr(op, rowptr_t, col_t);
-  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
-  TORCH_CHECK(rowptr_t.numel() - 1 == s.num_cols, op, ": transpose has ", rowptr_t.numel() - 1, " rows, expected ",
-              s.num_cols);
-  PK_CHECK_FLOAT_TENSOR(op, "out", out);
-  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.is_contiguous(), op,
-              ": lse must be contiguous ", lse_dtype(q.scalar_type()));
+  const AttnShapes s = check_attention_backward("pykernels.graph_attention_backward", rowptr, col, rowptr_t, col_t,
+                                                perm_t, q, k, v, bias, out, lse, grad_out);
   const int64_t num_edges = col.numel();
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dbias = bias_grad ? at::empty({num_edges, s.heads}, q.options()) : at::empty({0}, q.options());

@@ -1,6 +1,9 @@
 #pragma once
 #include <c10/util/string_view.h>
 
+#include <array>
+#include <utility>
+
 #include "common/checks.h"
 #include "graph/reduce.h"
 
@@ -61,6 +64,68 @@ inline AttnShapes check_attention(const char* op, const at::Tensor& rowptr, cons
     check_edge_values(op, "edge_bias", *bias, col.numel(), s.heads, q.scalar_type());
     PK_CHECK_SAME_DEVICE(op, "edge_bias", *bias, rowptr);
   }
+  return s;
+}
+
+
+// Entry checks of spmm_arg_backward; returns {heads, feats}.
+inline std::pair<int64_t, int64_t> check_spmm_arg_backward(const char* op, const at::Tensor& rowptr,
+                                                           const at::Tensor& col, const at::Tensor& rowptr_t,
+                                                           const at::Tensor& col_t, const at::Tensor& perm_t,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const at::Tensor& arg, const at::Tensor& grad_out,
+                                                           const at::Tensor& x) {
+  check_csr(op, rowptr, col);
+  check_csr(op, rowptr_t, col_t);
+  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
+  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
+  PK_CHECK_FLOAT_TENSOR(op, "x", x);
+  PK_CHECK_INDEX_TENSOR(op, "arg", arg);
+  PK_CHECK_DIM(op, "x", x, 3);
+  PK_CHECK_SAME_DEVICE(op, "rowptr_t", rowptr_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "perm_t", perm_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "arg", arg, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "grad_out", grad_out, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "x", x, rowptr);
+  const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
+  const int64_t heads = x.size(1), feats = x.size(2);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({num_rows, heads, feats}) && arg.sizes() == grad_out.sizes(), op,
+              ": grad_out/arg shape mismatch");
+  TORCH_CHECK(x.size(0) == num_cols, op, ": x has ", x.size(0), " rows, graph has ", num_cols, " sources");
+  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per transposed edge");
+  if (weight) {
+    check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+    PK_CHECK_SAME_DEVICE(op, "edge_weight", *weight, rowptr);
+  }
+  return {heads, feats};
+}
+
+// Entry checks of graph_attention_backward.
+inline AttnShapes check_attention_backward(const char* op, const at::Tensor& rowptr, const at::Tensor& col,
+                                           const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                           const at::Tensor& perm_t, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out) {
+  const AttnShapes s = check_attention(op, rowptr, col, q, k, v, bias);
+  check_csr(op, rowptr_t, col_t);
+  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
+  TORCH_CHECK(rowptr_t.numel() - 1 == s.num_cols, op, ": transpose has ", rowptr_t.numel() - 1, " rows, expected ",
+              s.num_cols);
+  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per transposed edge");
+  PK_CHECK_FLOAT_TENSOR(op, "out", out);
+  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.is_contiguous(), op,
+              ": lse must be contiguous ", lse_dtype(q.scalar_type()));
+  const std::array<int64_t, 3> out_shape{s.num_rows, s.heads, s.dv};
+  TORCH_CHECK(out.sizes().equals(out_shape) && grad_out.sizes().equals(out_shape), op, ": out and grad_out must be ",
+              at::IntArrayRef(out_shape), ", got ", out.sizes(), " and ", grad_out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.num_rows, s.heads}), op, ": lse must be [", s.num_rows, ", ",
+              s.heads, "], got ", lse.sizes());
+  PK_CHECK_SAME_DEVICE(op, "rowptr_t", rowptr_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "perm_t", perm_t, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "out", out, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "lse", lse, rowptr);
+  PK_CHECK_SAME_DEVICE(op, "grad_out", grad_out, rowptr);
   return s;
 }
 

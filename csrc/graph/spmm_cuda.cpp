@@ -46,29 +46,11 @@ std::tuple<at::Tensor, at::Tensor> spmm_arg_backward_cuda(const at::Tensor& rowp
                                                           const std::optional<at::Tensor>& weight,
                                                           const at::Tensor& arg, const at::Tensor& grad_out,
                                                           const at::Tensor& x, bool weight_grad) {
-  constexpr const char* op = "pykernels.spmm_arg_backward";
-  check_csr(op, rowptr, col);
-  check_csr(op, rowptr_t, col_t);
-  PK_CHECK_INDEX_TENSOR(op, "perm_t", perm_t);
-  PK_CHECK_FLOAT_TENSOR(op, "grad_out", grad_out);
-  PK_CHECK_FLOAT_TENSOR(op, "x", x);
-  PK_CHECK_INDEX_TENSOR(op, "arg", arg);
-  PK_CHECK_DIM(op, "x", x, 3);
-  PK_CHECK_SAME_DEVICE(op, "rowptr_t", rowptr_t, rowptr);
-  PK_CHECK_SAME_DEVICE(op, "perm_t", perm_t, rowptr);
-  PK_CHECK_SAME_DEVICE(op, "arg", arg, rowptr);
-  PK_CHECK_SAME_DEVICE(op, "grad_out", grad_out, rowptr);
-  PK_CHECK_SAME_DEVICE(op, "x", x, rowptr);
+  // Plain variables, not structured bindings: C++17 lambdas cannot capture the latter.
+  const std::pair<int64_t, int64_t> heads_feats = check_spmm_arg_backward(
+      "pykernels.spmm_arg_backward", rowptr, col, rowptr_t, col_t, perm_t, weight, arg, grad_out, x);
+  const int64_t heads = heads_feats.first, feats = heads_feats.second;
   const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
-  const int64_t heads = x.size(1), feats = x.size(2);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({num_rows, heads, feats}) && arg.sizes() == grad_out.sizes(), op,
-              ": grad_out/arg shape mismatch");
-  TORCH_CHECK(x.size(0) == num_cols, op, ": x has ", x.size(0), " rows, graph has ", num_cols, " sources");
-  TORCH_CHECK(perm_t.numel() == col_t.numel(), op, ": perm_t must have one entry per transposed edge");
-  if (weight) {
-    check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
-    PK_CHECK_SAME_DEVICE(op, "edge_weight", *weight, rowptr);
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   auto grad_w = weight_grad ? at::empty({col.numel(), heads}, x.options()) : at::empty({0}, x.options());
