@@ -20,4 +20,23 @@ TORCH_LIBRARY(pykernels, m) {
       "graph_attention_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor q, "
       "Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, Tensor grad_out, float scale, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Dense attention. q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] with H % Hkv == 0 (grouped
+  // query heads share kv head h / (H / Hkv)); any strides with a contiguous last dimension. bias: additive
+  // float [B, H, Nq, Nk] read through its strides, so an expanded (stride-0) bias costs no memory; -inf
+  // masks. causal: key j is visible to query i iff j <= i (top-left aligned, as SDPA's is_causal).
+  // Returns out [B, H, Nq, Dv] and the log-sum-exp [B, H, Nq] in the accumulation type (float32;
+  // float64 for float64 inputs); a query that sees no key gets out = 0 and lse = -inf.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? bias, bool causal, float scale) -> (Tensor, Tensor)");
+  // dbias is [B, H, Nq, Nk] (the caller sums it down to the bias's broadcast shape), or empty.
+  m.def(
+      "attention_backward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, Tensor grad_out, "
+      "bool causal, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The head-averaged attention map [B, Nq, Nk] = mean over H of exp(q k^T * scale + bias - lse).
+  m.def("attention_map(Tensor q, Tensor k, Tensor? bias, Tensor lse, bool causal, float scale) -> Tensor");
+  // Gradients of the map with respect to q, k and the bias; lse is treated as a function of q, k and bias
+  // (the softmax normalisation is differentiated), so no gradient flows through the lse input itself.
+  m.def(
+      "attention_map_backward(Tensor q, Tensor k, Tensor? bias, Tensor lse, Tensor grad_map, bool causal, "
+      "float scale, bool bias_grad) -> (Tensor, Tensor, Tensor)");
 }
