@@ -1,50 +1,20 @@
 """Registration of the graph kernel ops: fake kernels, autograd, and the Triton engine's twin ops.
 
 The schemas are declared once in C++ (``csrc/registration.cpp``) as ``pykernels::<op>``; the C++ engines
-implement them for CPU and CUDA. The Triton engine gets the same schemas under ``pykernels_triton::<op>``
-(read from the C++ declarations, never re-typed). Fake kernels and autograd below serve both namespaces,
-and each backward calls the ops of the namespace it differentiates, so torch.compile traces all of it.
+implement them for CPU and CUDA, the Triton engine the twin ops ``pykernels_triton::<op>`` (``_registry``).
+Fake kernels and autograd below serve both namespaces, and each backward calls the ops of the namespace it
+differentiates, so torch.compile traces all of it.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the op schemas and the C++ engines)
+from ._registry import NAMESPACES, define_triton_twins, lse_dtype as _lse_dtype, ops
 
 GRAPH_OPS = ("coo_to_csr", "spmm", "spmm_arg_backward", "sddmm", "edge_softmax", "edge_softmax_backward",
              "graph_attention", "graph_attention_backward")
-NAMESPACES = ("pykernels", "pykernels_triton")
 
-_triton_lib = torch.library.Library("pykernels_triton", "DEF")
-
-
-def _schema_without_namespace(op: str) -> str:
-    schema = str(getattr(torch.ops.pykernels, op).default._schema)
-    return schema.split("::", 1)[1]
-
-
-def _triton_impl(op: str):
-    def impl(*args):
-        from .triton import graph as triton_graph
-
-        return getattr(triton_graph, op)(*args)
-
-    impl.__name__ = f"triton_{op}"
-    return impl
-
-
-for _op in GRAPH_OPS:
-    _triton_lib.define(_schema_without_namespace(_op))
-    for _key in ("CPU", "CUDA"):
-        _triton_lib.impl(_op, _triton_impl(_op), _key)
-
-
-def ops(namespace: str):
-    return getattr(torch.ops, namespace)
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+define_triton_twins("graph", GRAPH_OPS)
 
 
 # ----------------------------------------------------------------------------------------------- fakes

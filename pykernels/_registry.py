@@ -1,0 +1,45 @@
+"""The Triton engine's twin ops: ``pykernels_triton::<op>`` with the schema of the C++ ``pykernels::<op>``.
+
+Schemas are read from the C++ declarations (never re-typed); the implementation is looked up by name in
+``pykernels.triton.<family>`` at call time, so importing pykernels does not import triton.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op schemas and the C++ engines)
+
+NAMESPACES = ("pykernels", "pykernels_triton")
+
+_triton_lib = torch.library.Library("pykernels_triton", "DEF")
+
+
+def ops(namespace: str):
+    return getattr(torch.ops, namespace)
+
+
+def _schema_without_namespace(op: str) -> str:
+    return str(getattr(torch.ops.pykernels, op).default._schema).split("::", 1)[1]
+
+
+def _triton_impl(family: str, op: str):
+    def impl(*args):
+        module = importlib.import_module(f"pykernels.triton.{family}")
+        return getattr(module, op)(*args)
+
+    impl.__name__ = f"triton_{op}"
+    return impl
+
+
+def define_triton_twins(family: str, op_names) -> None:
+    for op in op_names:
+        _triton_lib.define(_schema_without_namespace(op))
+        for key in ("CPU", "CUDA"):
+            _triton_lib.impl(op, _triton_impl(family, op), key)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp and other softmax statistics are kept in the accumulation type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
