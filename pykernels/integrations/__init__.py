@@ -1,0 +1,1 @@
+"""Glue to third-party libraries. Each submodule imports its library only when used, so it stays optional."""
