@@ -6,18 +6,15 @@ kernels and autograd, so they work in eager mode and under ``torch.compile(fullg
 """
 from ._backend import BACKENDS, ENGINES, is_deterministic, set_deterministic
 from ._info import info
+from .attention import fused_attention
 from .graph import CSR, ScatterResult, edge_softmax, graph_attention, scatter, sddmm, spmm
 from . import nn
-
-try:  # accelerate() is glue over nn: a failure there must not take the kernels down with it.
-    from .accelerate import accelerate
-except Exception as _accelerate_error:  # noqa: BLE001
-    def accelerate(model, *, backend="auto", _error=_accelerate_error):
-        raise ImportError(f"pykernels.accelerate failed to import: {_error}") from _error
+from .accelerate import AccelerateReport, accelerate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "ENGINES", "CSR", "ScatterResult", "accelerate", "edge_softmax", "graph_attention", "info",
-    "is_deterministic", "nn", "scatter", "sddmm", "set_deterministic", "spmm",
+    "AccelerateReport", "BACKENDS", "CSR", "ENGINES", "ScatterResult", "accelerate", "edge_softmax",
+    "fused_attention", "graph_attention", "info", "is_deterministic", "nn", "scatter", "sddmm", "set_deterministic",
+    "spmm",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib
 import platform
 import re
 import sys
@@ -14,7 +15,7 @@ import torch
 from .._info import info
 from .timing import peak_memory_mb, time_fn
 
-FAMILIES = ("graph",)
+FAMILIES = ("graph", "attention")
 
 
 def add_arguments(parser) -> None:
@@ -45,11 +46,7 @@ def _slug(name: str) -> str:
 
 
 def _load_family(name: str):
-    if name == "graph":
-        from . import graph
-
-        return graph
-    raise ValueError(name)
+    return importlib.import_module(f"pykernels.bench.{name}")
 
 
 class _Progress:
