@@ -32,8 +32,8 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
 inline void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   check_floating(op, name, t, q);
   PK_CHECK_DIM(op, name, t, 4);
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ",
-              t.strides());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
+              " must have a contiguous last dimension, got strides ", t.strides());
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {

@@ -166,7 +166,9 @@ at::Tensor pack_cols(const at::Tensor& src, int64_t blocks, int64_t block) {
 // Adds the bias to the first n scores of a row and masks the rest of its width.
 template <typename T, typename A>
 void finish_scores(A* s, int64_t n, int64_t width, const T* bias, int64_t stride) {
-  if (bias)
+  if (bias && stride == 1)
+    cpu::axpy(s, A(1), bias, n);
+  else if (bias)
     for (int64_t j = 0; j < n; ++j) s[j] += cpu::to_acc(bias[j * stride]);
   std::fill(s + n, s + width, A(-INFINITY));
 }

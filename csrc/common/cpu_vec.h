@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -89,29 +90,31 @@ inline void store(T* __restrict out, const A* __restrict acc, A s, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------------
 // Dense tiles (the attention engines), written with GCC/Clang vector extensions so that the register
-// blocking is explicit in every clone.
+// blocking is explicit. GCC compiles generic vectors wider than the target's registers into stack round
+// trips, so these are not target_clones: each ISA gets its own instantiation with the vector width its
+// registers hold (64 bytes with AVX-512, 32 with AVX2 + FMA, 16 otherwise), picked once per process.
 namespace pk::cpu {
 
-// kBytes-wide vectors of A: 64 bytes (one zmm register, two ymm in the AVX2 clone) or 32.
-template <typename A, int kBytes = 64>
+template <typename A, int kBytes>
 struct Vec {
   typedef A type __attribute__((vector_size(kBytes)));
   typedef A unaligned __attribute__((vector_size(kBytes), aligned(sizeof(A)), may_alias));
 };
 
-// Elements per 64-byte vector: score tiles are padded to multiples of it.
+// Score tiles are padded to the widest vector, gemm widths (head dims) to 32 bytes, so 40 floats pad
+// to 48 and not to 64.
 template <typename A>
 constexpr int64_t kLanes = 64 / sizeof(A);
-// Elements per 32-byte vector: gemm widths (head dims) are padded to multiples of it, so 40 pads to 48
-// and not to 64.
 template <typename A>
 constexpr int64_t kHalfLanes = 32 / sizeof(A);
 
 inline int64_t round_up_lanes(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
 
+namespace tile {
+
 // 4 rows x 2 vectors: 8 independent accumulators hide the FMA latency, and with the two B vectors and
-// the broadcast they fit AVX-512's registers (the AVX2 clone spills a few).
-constexpr int kTileRows = 4;
+// the broadcast they fit in 16 registers.
+constexpr int kRows = 4;
 
 // C[0:MR, 0:NV*lanes] (+)= A[0:MR, 0:K] B[0:K, 0:NV*lanes], the accumulators held in registers.
 template <int MR, int NV, int kBytes, typename A>
@@ -146,82 +149,71 @@ __attribute__((always_inline)) inline void gemm_panel(int64_t M, int64_t K, cons
     if (r < M) gemm_panel<MR - 1, NV, kBytes>(M - r, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, accumulate);
 }
 
-// Column panels of two 64-byte vectors, then at most one of one vector and one of a 32-byte vector.
-// The narrow panel takes twice the rows to keep eight accumulators in flight.
-template <typename A>
-__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const A* a, int64_t ars,
-                                                     int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
-                                                     bool accumulate) {
-  constexpr int64_t L = kLanes<A>;
+// Column panels of two vectors, then at most one of one vector, then (64-byte vectors only) one of 32
+// bytes, which takes twice the rows to keep eight accumulators in flight.
+template <int kBytes, typename A>
+__attribute__((always_inline)) inline void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t ars, int64_t aks,
+                                                const A* b, int64_t ldb, A* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = kBytes / sizeof(A);
   int64_t j = 0;
   for (; j + 2 * L <= N; j += 2 * L)
-    gemm_panel<kTileRows, 2, 64>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
+    gemm_panel<kRows, 2, kBytes>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
   if (j + L <= N) {
-    gemm_panel<kTileRows, 1, 64>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
+    gemm_panel<kRows, 1, kBytes>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
     j += L;
   }
-  if (j < N) gemm_panel<2 * kTileRows, 1, 32>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
+  if constexpr (kBytes > 32)
+    if (j < N) gemm_panel<2 * kRows, 1, 32>(M, K, a, ars, aks, b + j, ldb, c + j, ldc, accumulate);
 }
 
-// C[0:M, 0:N] (+)= A[0:M, 0:K] B[0:K, 0:N] with A(r, k) = a[r * ars + k * aks] (either orientation),
-// B and C row-major, N a multiple of kHalfLanes.
-PK_CPU_CLONES inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks,
-                               const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  gemm_impl(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);
-}
-PK_CPU_CLONES inline void gemm(int64_t M, int64_t N, int64_t K, const double* a, int64_t ars, int64_t aks,
-                               const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
-  gemm_impl(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);
-}
-
-// v = v + w or max(v, w). Vectors travel by reference: passing or returning them by value would give the
-// default and the AVX-512 clones different ABIs.
-template <bool kMax>
-__attribute__((always_inline)) inline void combine(Vec<float>::type& v, const Vec<float>::type& w) {
+// v = v + w or max(v, w). Vectors travel by reference: by value, their ABI would differ between targets.
+template <bool kMax, typename V>
+__attribute__((always_inline)) inline void combine(V& v, const V& w) {
   if constexpr (kMax)
     v = v > w ? v : w;
   else
     v += w;
 }
 
-// Horizontal sum or max of 16 floats in four halving steps rather than sixteen dependent scalar ones.
-template <bool kMax>
-__attribute__((always_inline)) inline float reduce16(Vec<float>::type& v) {
-  combine<kMax>(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  combine<kMax>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  combine<kMax>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  combine<kMax>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+// Horizontal sum or max: fold the vector onto itself rotated by half, a quarter... of its lanes, so lane 0
+// ends with the result after log2(lanes) steps rather than one dependent chain over the lanes.
+template <bool kMax, int kShift, typename V, size_t... I>
+__attribute__((always_inline)) inline void fold(V& v, std::index_sequence<I...> lanes) {
+  if constexpr (kShift > 0) {
+    combine<kMax>(v, V(__builtin_shufflevector(v, v, ((I + kShift) % sizeof...(I))...)));
+    fold<kMax, kShift / 2>(v, lanes);
+  }
+}
+template <bool kMax, typename V>
+__attribute__((always_inline)) inline float reduce(V& v) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  fold<kMax, L / 2>(v, std::make_index_sequence<L>{});
   return v[0];
 }
 
-// max of x[0:n], n a multiple of kLanes. Compare-and-select lanes, because a max reduction is not
-// vectorised without -ffast-math.
-PK_CPU_CLONES inline float max_lanes(const float* x, int64_t n) {
-  using V = Vec<float>::type;
-  using U = Vec<float>::unaligned;
+// Compare-and-select lanes, because a max reduction is not vectorised without -ffast-math.
+template <int kBytes>
+__attribute__((always_inline)) inline float max(const float* x, int64_t n) {
+  using V = typename Vec<float, kBytes>::type;
+  using U = typename Vec<float, kBytes>::unaligned;
   V m = V{} - INFINITY;
-  for (int64_t j = 0; j < n; j += kLanes<float>) combine<true>(m, *reinterpret_cast<const U*>(x + j));
-  return reduce16<true>(m);
-}
-inline double max_lanes(const double* x, int64_t n) {
-  double s = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) s = x[j] > s ? x[j] : s;
-  return s;
+  for (int64_t j = 0; j < n; j += kBytes / 4) combine<true>(m, V(*reinterpret_cast<const U*>(x + j)));
+  return reduce<true>(m);
 }
 
-// x[0:n] = exp(x[0:n] - shift), returning the sum; n a multiple of kLanes. float: Cephes' expf polynomial
-// after reducing by round(x / ln 2), within 2 ulp; -inf (and anything below log(FLT_MIN)) gives 0, NaN stays
-// NaN. double keeps libm's exp so that float64 results match the reference to rounding.
-PK_CPU_CLONES inline float exp_sum(float* x, float shift, int64_t n) {
-  using V = Vec<float>::type;
-  using U = Vec<float>::unaligned;
-  using I = Vec<int32_t>::type;
+// Cephes' expf polynomial after reducing by round(x / ln 2), within 2 ulp. -inf (and anything below
+// log(FLT_MIN)) gives 0 and NaN stays NaN, which is what softmax needs.
+template <int kBytes>
+__attribute__((always_inline)) inline float exp_sum(float* x, float shift, int64_t n) {
+  using V = typename Vec<float, kBytes>::type;
+  using U = typename Vec<float, kBytes>::unaligned;
+  using I = typename Vec<int32_t, kBytes>::type;
   // Adding 1.5 * 2^23 rounds to an integer that lands in the low mantissa bits, whose pattern is then
   // 0x4B400000 + k; 127 - 0x4B400000 turns that into the biased exponent of 2^k.
   const V magic = V{} + 12582912.f, lowest = V{} - 87.3365448f;
   const int32_t to_exponent = 127 - 0x4B400000;
   V sum{};
-  for (int64_t j = 0; j < n; j += kLanes<float>) {
+  for (int64_t j = 0; j < n; j += kBytes / 4) {
     const V x0 = *reinterpret_cast<const U*>(x + j) - shift;
     const V xc = x0 < lowest ? lowest : x0;
     const V t = xc * 1.44269504f + magic;
@@ -238,7 +230,83 @@ PK_CPU_CLONES inline float exp_sum(float* x, float shift, int64_t n) {
     *reinterpret_cast<U*>(x + j) = y;
     sum += y;
   }
-  return reduce16<false>(sum);
+  return reduce<false>(sum);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PK_TILE_X86 1
+// The instantiations per ISA; the AVX2 one asks for FMA too, which the plain "avx2" target lacks.
+#define PK_TILE_ISA(suffix, flags, bytes)                                                                     \
+  template <typename A>                                                                                       \
+  __attribute__((target(flags))) void gemm_##suffix(int64_t M, int64_t N, int64_t K, const A* a, int64_t ars, \
+                                                    int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,  \
+                                                    bool accumulate) {                                        \
+    gemm<bytes>(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);                                            \
+  }                                                                                                           \
+  __attribute__((target(flags))) inline float max_##suffix(const float* x, int64_t n) {                       \
+    return max<bytes>(x, n);                                                                                  \
+  }                                                                                                           \
+  __attribute__((target(flags))) inline float exp_sum_##suffix(float* x, float shift, int64_t n) {            \
+    return exp_sum<bytes>(x, shift, n);                                                                       \
+  }
+PK_TILE_ISA(avx512, "avx512f", 64)
+PK_TILE_ISA(avx2, "avx2,fma", 32)
+#undef PK_TILE_ISA
+
+enum class Isa { kAvx512, kAvx2, kBase };
+inline Isa isa() {
+  static const Isa found = __builtin_cpu_supports("avx512f")                                 ? Isa::kAvx512
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                             : Isa::kBase;
+  return found;
+}
+#endif
+
+}  // namespace tile
+
+// C[0:M, 0:N] (+)= A[0:M, 0:K] B[0:K, 0:N] with A(r, k) = a[r * ars + k * aks] (either orientation),
+// B and C row-major, N a multiple of kHalfLanes.
+template <typename A>
+inline void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb,
+                 A* c, int64_t ldc, bool accumulate) {
+#ifdef PK_TILE_X86
+  switch (tile::isa()) {
+    case tile::Isa::kAvx512: return tile::gemm_avx512(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);
+    case tile::Isa::kAvx2: return tile::gemm_avx2(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);
+    case tile::Isa::kBase: break;
+  }
+#endif
+  tile::gemm<16>(M, N, K, a, ars, aks, b, ldb, c, ldc, accumulate);
+}
+
+// max of x[0:n], n a multiple of kLanes.
+inline float max_lanes(const float* x, int64_t n) {
+#ifdef PK_TILE_X86
+  switch (tile::isa()) {
+    case tile::Isa::kAvx512: return tile::max_avx512(x, n);
+    case tile::Isa::kAvx2: return tile::max_avx2(x, n);
+    case tile::Isa::kBase: break;
+  }
+#endif
+  return tile::max<16>(x, n);
+}
+inline double max_lanes(const double* x, int64_t n) {
+  double s = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) s = x[j] > s ? x[j] : s;
+  return s;
+}
+
+// x[0:n] = exp(x[0:n] - shift), returning the sum; n a multiple of kLanes. double keeps libm's exp so
+// that float64 results match the reference to rounding.
+inline float exp_sum(float* x, float shift, int64_t n) {
+#ifdef PK_TILE_X86
+  switch (tile::isa()) {
+    case tile::Isa::kAvx512: return tile::exp_sum_avx512(x, shift, n);
+    case tile::Isa::kAvx2: return tile::exp_sum_avx2(x, shift, n);
+    case tile::Isa::kBase: break;
+  }
+#endif
+  return tile::exp_sum<16>(x, shift, n);
 }
 inline double exp_sum(double* x, double shift, int64_t n) {
   double s = 0;
