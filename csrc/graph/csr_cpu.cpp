@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "graph/graph_checks.h"
 
 namespace pk {
 namespace {
@@ -35,13 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cpu(const at::Tensor& 
                                                               int64_t num_rows, int64_t num_cols,
                                                               c10::string_view context) {
   const std::string ctx(context);
-  TORCH_CHECK(num_rows >= 0 && num_cols >= 0, ctx, ": node counts must be non-negative, got ", num_rows, " and ",
-              num_cols);
-  TORCH_CHECK(row.dim() == 1 && col.dim() == 1 && row.numel() == col.numel(), ctx,
-              ": row and col must be 1-D of equal length");
-  TORCH_CHECK(row.scalar_type() == col.scalar_type() &&
-                  (row.scalar_type() == at::kLong || row.scalar_type() == at::kInt),
-              ctx, ": indices must be int32 or int64, got ", row.scalar_type());
+  check_coo(ctx, row, col, num_rows, num_cols);
   const auto r = row.contiguous(), c = col.contiguous();
   const int64_t num_edges = r.numel();
   auto opts = r.options().dtype(at::kLong);

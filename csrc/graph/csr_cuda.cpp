@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_launch.h"
+#include "graph/graph_checks.h"
 #include "graph/graph_cuda.h"
 
 namespace pk {
@@ -41,14 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor&
                                                                int64_t num_rows, int64_t num_cols,
                                                                c10::string_view context) {
   const std::string ctx(context);
-  TORCH_CHECK(num_rows >= 0 && num_cols >= 0, ctx, ": node counts must be non-negative, got ", num_rows, " and ",
-              num_cols);
-  TORCH_CHECK(row.dim() == 1 && col.dim() == 1 && row.numel() == col.numel(), ctx,
-              ": row and col must be 1-D of equal length");
-  TORCH_CHECK(row.scalar_type() == col.scalar_type() &&
-                  (row.scalar_type() == at::kLong || row.scalar_type() == at::kInt),
-              ctx, ": indices must be int32 or int64, got ", row.scalar_type());
-  PK_CHECK_SAME_DEVICE(ctx, "col", col, row);
+  check_coo(ctx, row, col, num_rows, num_cols);
   const c10::cuda::CUDAGuard guard(row.device());
   const auto r = row.contiguous(), c = col.contiguous();
   auto opts = r.options().dtype(at::kLong);

@@ -2,12 +2,26 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <string>
 #include <utility>
 
 #include "common/checks.h"
 #include "graph/reduce.h"
 
 namespace pk {
+
+// Entry checks of coo_to_csr; ctx names the caller and argument (e.g. "pykernels.scatter: index").
+inline void check_coo(const std::string& ctx, const at::Tensor& row, const at::Tensor& col, int64_t num_rows,
+                      int64_t num_cols) {
+  TORCH_CHECK(num_rows >= 0 && num_cols >= 0, ctx, ": node counts must be non-negative, got ", num_rows, " and ",
+              num_cols);
+  TORCH_CHECK(row.dim() == 1 && col.dim() == 1 && row.numel() == col.numel(), ctx,
+              ": row and col must be 1-D of equal length");
+  TORCH_CHECK(row.scalar_type() == col.scalar_type() &&
+                  (row.scalar_type() == at::kLong || row.scalar_type() == at::kInt),
+              ctx, ": indices must be int32 or int64, got ", row.scalar_type());
+  PK_CHECK_SAME_DEVICE(ctx, "col", col, row);
+}
 
 inline void check_csr(const char* op, const at::Tensor& rowptr, const at::Tensor& col) {
   PK_CHECK_INDEX_TENSOR(op, "rowptr", rowptr);
