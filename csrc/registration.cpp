@@ -39,4 +39,28 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "attention_map_backward(Tensor q, Tensor k, Tensor? bias, Tensor lse, Tensor grad_map, bool causal, "
       "float scale, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+
+  // Attention flow. Products are batched: a [batch, m, k], b [batch, k, n] read through their strides (0 on
+  // broadcast batch dimensions), outputs contiguous [batch, m, n]; k >= 1.
+  // Hard (max, min) product: out[i, j] = max_k min(a[i, k], b[k, j]), bitwise equal to the broadcast
+  // formula; argk [batch, m, n] (int32) is the lowest maximising k. NaN anywhere in row i of a or column j
+  // of b makes out[i, j] NaN, argk the first such k.
+  m.def("maxmin_matmul(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // The gradient of out[i, j] goes to a[i, k*] when a[i, k*] <= b[k*, j], else to b[k*, j].
+  m.def(
+      "maxmin_matmul_backward(Tensor a, Tensor b, Tensor argk, Tensor grad_out, bool a_grad, bool b_grad) "
+      "-> (Tensor, Tensor)");
+  // Soft product at temperature t: out = t * log sum_k exp(smin_k / t), smin_k = -t * log(exp(-a_ik / t) +
+  // exp(-b_kj / t)). Returns out, the hard product (the shift that keeps every exponent <= 0) and
+  // sum = sum_k exp((smin_k - hard) / t) in [1/2, k], both kept for the backward.
+  m.def("soft_maxmin_matmul(Tensor a, Tensor b, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "soft_maxmin_matmul_backward(Tensor a, Tensor b, Tensor hard, Tensor sum, Tensor grad_out, "
+      "float temperature, bool a_grad, bool b_grad) -> (Tensor, Tensor)");
+  // Exact maximum flow from sources[q] to sinks[q] for every query q on a directed graph given as CSR over
+  // source nodes (rowptr [num_nodes + 1], col [E]) with capacity [E] (float, >= 0). Returns float64 [Q].
+  m.def("max_flow(Tensor rowptr, Tensor col, Tensor capacity, Tensor sources, Tensor sinks) -> Tensor");
+  // The layered DAG of attention maps: capacities[l] is [n_{l+1}, n_l]; node (l, j) -> (l + 1, i) carries
+  // capacities[l][i, j]. sources index layer 0, sinks the last layer. Returns float64 [Q].
+  m.def("max_flow_layered(Tensor[] capacities, Tensor sources, Tensor sinks) -> Tensor");
 }
