@@ -14,7 +14,7 @@ setup() {
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
   fi
   "$PYTHON" -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
-    triton pytest hypothesis torch_geometric networkx diffusers matplotlib tqdm
+    triton pytest hypothesis torch_geometric networkx scipy diffusers matplotlib tqdm
   "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps \
     -Cbuild-dir=build/editable -Ceditable.rebuild=false -e .
   "$PYTHON" -m pykernels info

@@ -201,32 +201,39 @@ __attribute__((always_inline)) inline float max(const float* x, int64_t n) {
   return reduce<true>(m);
 }
 
-// Cephes' expf polynomial after reducing by round(x / ln 2), within 2 ulp. -inf (and anything below
-// log(FLT_MIN)) gives 0 and NaN stays NaN, which is what softmax needs.
-template <int kBytes>
-__attribute__((always_inline)) inline float exp_sum(float* x, float shift, int64_t n) {
-  using V = typename Vec<float, kBytes>::type;
-  using U = typename Vec<float, kBytes>::unaligned;
-  using I = typename Vec<int32_t, kBytes>::type;
+// x = exp(x) lane by lane: Cephes' expf polynomial after reducing by round(x / ln 2), within 2 ulp. -inf
+// (and anything below log(FLT_MIN)) gives 0 and NaN stays NaN, which is what softmax needs.
+template <typename V>
+__attribute__((always_inline)) inline void exp_vec(V& x) {
+  const V x0 = x;
+  using I = decltype(x0 < x0);
   // Adding 1.5 * 2^23 rounds to an integer that lands in the low mantissa bits, whose pattern is then
   // 0x4B400000 + k; 127 - 0x4B400000 turns that into the biased exponent of 2^k.
   const V magic = V{} + 12582912.f, lowest = V{} - 87.3365448f;
   const int32_t to_exponent = 127 - 0x4B400000;
+  const V xc = x0 < lowest ? lowest : x0;
+  const V t = xc * 1.44269504f + magic;
+  const V k = t - magic;
+  const V r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;
+  V p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const I e = (__builtin_bit_cast(I, t) + to_exponent) << 23;
+  x = x0 < lowest ? V{} : p * __builtin_bit_cast(V, e);
+}
+
+// x[0:n] = exp(x[0:n] - shift), returning the sum; n a multiple of the vector's lanes.
+template <int kBytes>
+__attribute__((always_inline)) inline float exp_sum(float* x, float shift, int64_t n) {
+  using V = typename Vec<float, kBytes>::type;
+  using U = typename Vec<float, kBytes>::unaligned;
   V sum{};
   for (int64_t j = 0; j < n; j += kBytes / 4) {
-    const V x0 = *reinterpret_cast<const U*>(x + j) - shift;
-    const V xc = x0 < lowest ? lowest : x0;
-    const V t = xc * 1.44269504f + magic;
-    const V k = t - magic;
-    const V r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;
-    V p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.f;
-    const I e = (__builtin_bit_cast(I, t) + to_exponent) << 23;
-    const V y = x0 < lowest ? V{} : p * __builtin_bit_cast(V, e);
+    V y = V(*reinterpret_cast<const U*>(x + j)) - shift;
+    exp_vec(y);
     *reinterpret_cast<U*>(x + j) = y;
     sum += y;
   }

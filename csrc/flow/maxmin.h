@@ -22,10 +22,11 @@ struct SoftExp {
 };
 
 // The exponent (h - x) / t, clamped; the caller supplies the exponential (vectorised on CPU, __expf on GPU).
+// Written so that a NaN exponent stays NaN (NaN inputs must reach the output).
 template <typename A>
 PK_HOST_DEVICE A soft_exponent(A hard, A x, A inv_t) {
   const A e = (hard - x) * inv_t;
-  return e < SoftExp<A>::clamp ? e : SoftExp<A>::clamp;
+  return SoftExp<A>::clamp < e ? SoftExp<A>::clamp : e;
 }
 
 // min with the tie going to a: the backward sends the gradient to a when a <= b.
