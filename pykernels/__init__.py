@@ -7,6 +7,8 @@ kernels and autograd, so they work in eager mode and under ``torch.compile(fullg
 from ._backend import BACKENDS, ENGINES, is_deterministic, set_deterministic
 from ._info import info
 from .attention import fused_attention
+from .flow import (attention_flow, attention_rollout, max_flow, max_flow_layered, maxmin_matmul, soft_maxmin_matmul,
+                   st_flow)
 from .graph import CSR, ScatterResult, edge_softmax, graph_attention, scatter, sddmm, spmm
 from . import nn
 from .accelerate import AccelerateReport, accelerate
@@ -14,7 +16,8 @@ from .accelerate import AccelerateReport, accelerate
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccelerateReport", "BACKENDS", "CSR", "ENGINES", "ScatterResult", "accelerate", "edge_softmax",
-    "fused_attention", "graph_attention", "info", "is_deterministic", "nn", "scatter", "sddmm", "set_deterministic",
-    "spmm",
+    "AccelerateReport", "BACKENDS", "CSR", "ENGINES", "ScatterResult", "accelerate", "attention_flow",
+    "attention_rollout", "edge_softmax", "fused_attention", "graph_attention", "info", "is_deterministic",
+    "max_flow", "max_flow_layered", "maxmin_matmul", "nn", "scatter", "sddmm", "set_deterministic",
+    "soft_maxmin_matmul", "spmm", "st_flow",
 ]
