@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..reference.flow import st_flow
+from ..flow import st_flow
 
 
 def _attention_class():
@@ -339,7 +339,7 @@ class AttentionFlowTracker:
                 # of the temporal maps ([batch*HW, frames, frames]).
                 per_location = cross.view(batch, frames, height * width, -1).transpose(1, 2)
                 flow = st_flow(per_location.reshape(batch * height * width, frames, -1).to(dtype),
-                               [t.to(dtype) for t in temporal], self.temperature)
+                               [t.to(dtype) for t in temporal], self.temperature, backend=self.backend)
                 flow = flow.view(batch, height, width, frames, -1).permute(0, 3, 1, 2, 4)
                 by_res.setdefault((height, width), []).append(flow)
         if not by_res:
