@@ -63,4 +63,34 @@ TORCH_LIBRARY(pykernels, m) {
   // The layered DAG of attention maps: capacities[l] is [n_{l+1}, n_l]; node (l, j) -> (l + 1, i) carries
   // capacities[l][i, j]. sources index layer 0, sinks the last layer. Returns float64 [Q].
   m.def("max_flow_layered(Tensor[] capacities, Tensor sources, Tensor sinks) -> Tensor");
+
+  // Windowed attention over a token grid: q, k, v [B, heads, H * W, D] with tokens row-major over
+  // spatial_shape = (H, W), any strides with a contiguous last dimension. The Swin computation without
+  // copies: the grid is cyclically shifted by -shift (torch.roll), padded bottom/right to whole windows
+  // (Hp, Wp), cut into windows of window = (wh, ww), attention runs inside each window, and the result is
+  // shifted back. Pad tokens are keys/values with k = pad_kv[0, h], v = pad_kv[1, h] ([2, heads, D]; zeros
+  // when None: timm pads the features before the qkv projection, so there they are the projection's bias).
+  // bias_table [(2wh - 1) * (2ww - 1), heads] is gathered by relative offset (Swin's table); dense_bias
+  // [heads, wh * ww, wh * ww]; at most one of them. shift_mask adds -100 between tokens of different Swin
+  // regions of the padded grid (split at Hp - wh and Hp - sh, likewise for W). Returns out [B, heads, H * W,
+  // Dv] and the log-sum-exp [B, heads, H * W] (float32; float64 for float64 inputs).
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[2] spatial_shape, int[2] window, int[2] shift, "
+      "Tensor? bias_table, Tensor? dense_bias, Tensor? pad_kv, bool shift_mask, float scale) -> (Tensor, Tensor)");
+  // Gradients for q, k, v and the bias (shaped like whichever bias was given; empty when bias_grad is false).
+  m.def(
+      "window_attention_backward(Tensor q, Tensor k, Tensor v, int[2] spatial_shape, int[2] window, "
+      "int[2] shift, Tensor? bias_table, Tensor? dense_bias, Tensor? pad_kv, bool shift_mask, float scale, "
+      "Tensor out, Tensor lse, Tensor grad_out, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // 2-D neighbourhood attention (NATTEN's semantics): query (y, x) attends to the kernel_size window of
+  // keys at dilation spacing centred on it, shifted inwards (clamped, not wrapped) at the borders. rpb
+  // [heads, 2 kh - 1, 2 kw - 1] is NATTEN's relative position bias. Same q, k, v layout and outputs as
+  // window_attention.
+  m.def(
+      "neighborhood_attention_2d(Tensor q, Tensor k, Tensor v, int[2] spatial_shape, int[2] kernel_size, "
+      "int[2] dilation, Tensor? rpb, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "neighborhood_attention_2d_backward(Tensor q, Tensor k, Tensor v, int[2] spatial_shape, "
+      "int[2] kernel_size, int[2] dilation, Tensor? rpb, float scale, Tensor out, Tensor lse, Tensor grad_out, "
+      "bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
