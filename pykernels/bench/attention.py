@@ -90,28 +90,30 @@ def cases(device: torch.device, quick: bool, spec_list: list[AttnSpec] | None = 
                         for s in (shape_q, shape_k, shape_k)]
             return _data.get((spec, device), build)
 
-        ours = lambda: pk.fused_attention(*get())
+        # Every closure binds this iteration's get: a late-bound one would run the last shape for every case.
+        ours = lambda get=get: pk.fused_attention(*get())
         providers = {"pykernels": ours}
         for name, ctx in _sdpa_backends(device).items():
-            def sdpa(ctx=ctx):
+            def sdpa(ctx=ctx, get=get):
                 with ctx():
                     return F.scaled_dot_product_attention(*get())
             providers[name] = sdpa
-        providers["naive softmax(qkᵀ)v"] = lambda: _naive(*get())
+        providers["naive softmax(qkᵀ)v"] = lambda get=get: _naive(*get())
         out.append(Case(FAMILY, f"attention · {spec.label}", "fwd", dict(providers)))
         if spec.backward:
             out.append(Case(FAMILY, f"attention · {spec.label}", "fwd+bwd",
-                            {k: (lambda fn=fn: _fwd_bwd(fn, get())()) for k, fn in providers.items()}))
+                            {k: (lambda fn=fn, get=get: _fwd_bwd(fn, get())()) for k, fn in providers.items()}))
 
-        def ours_map():
+        def ours_map(get=get):
             return pk.fused_attention(*get(), return_attn_mean=True)
 
-        def unfused_map():
+        def unfused_map(get=get):
             q, k, v = get()
             p = torch.softmax(q @ k.transpose(-1, -2) * q.size(-1) ** -0.5, dim=-1)
             return F.scaled_dot_product_attention(q, k, v), p.mean(dim=1)
 
         out.append(Case(FAMILY, f"attention + head-mean map · {spec.label}", "fwd+bwd",
-                        {"pykernels (fused map)": lambda: _fwd_bwd(ours_map, get())(),
-                         "SDPA + materialised softmax(qkᵀ).mean(heads)": lambda: _fwd_bwd(unfused_map, get())()}))
+                        {"pykernels (fused map)": lambda get=get, f=ours_map: _fwd_bwd(f, get())(),
+                         "SDPA + materialised softmax(qkᵀ).mean(heads)":
+                             lambda get=get, f=unfused_map: _fwd_bwd(f, get())()}))
     return out

@@ -91,7 +91,7 @@ def _spmm_cases(spec, device, get):
                     xs[name] = leaf_x()
                 return xs[name]
 
-            def wrap(name, body, mode=mode):
+            def wrap(name, body, mode=mode, x_for=x_for):
                 if mode == "fwd":
                     return lambda: body(x_for(name))
                 return lambda: _fwd_bwd(lambda: body(x_for(name)), x_for(name))()

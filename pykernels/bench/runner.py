@@ -15,7 +15,7 @@ import torch
 from .._info import info
 from .timing import peak_memory_mb, time_fn
 
-FAMILIES = ("graph", "attention")
+FAMILIES = ("graph", "attention", "flow")
 
 
 def add_arguments(parser) -> None:
@@ -191,7 +191,9 @@ def run(args) -> int:
             if plot_family(rows, family, name, png):
                 body += [f"![{family} speed-ups]({png.name})", ""]
                 print(f"plot: {png}")
-    report = out_dir / f"{_slug(name)}.md"
+    # A partial run (--only) gets its own file, so it never replaces the full report.
+    suffix = "".join(f"-{family}" for family in args.only) if args.only else ""
+    report = out_dir / f"{_slug(name)}{suffix}.md"
     report.write_text("\n".join(header + body + [f"_total benchmark time: {time.time() - started:.0f} s_", ""]))
     print(f"report: {report}")
     return 0
