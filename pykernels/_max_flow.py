@@ -13,6 +13,7 @@ one by at most ``(nodes + 2 * edges) * eps`` and never above it beyond float64 r
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -29,10 +30,12 @@ def _check_capacities(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: {name} holds NaN or infinite values; capacities must be finite")
-    if t.numel() and bool((t < 0).any()):
-        raise ValueError(f"{op}: {name} holds negative values; capacities must be >= 0")
+    if t.numel():
+        lo, hi = (float(x) for x in torch.aminmax(t.detach()))  # one pass; a NaN propagates to both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{op}: {name} holds NaN or infinite values; capacities must be finite")
+        if lo < 0:
+            raise ValueError(f"{op}: {name} holds negative values; capacities must be >= 0")
 
 
 def _queries(op: str, name: str, value) -> tuple[torch.Tensor, bool]:
