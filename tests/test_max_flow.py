@@ -298,6 +298,8 @@ def test_large_cases_scale():
     cap = torch.rand(n - 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
     start = time.perf_counter()
     assert float(max_flow(ei, cap, 0, n - 1)) == float(cap.min())
+    # Decreasing capacities strand excess at every node: one gap per node, each must cost O(1) amortised.
+    assert float(max_flow(ei, torch.arange(n - 1, 0, -1).double() + 1, 0, n - 1)) == 2.0
     deep = max_flow_layered(_maps([4] * 301, seed=1))
     assert bool(torch.isfinite(deep).all()) and bool((deep >= 0).all())
     # The benchmark size, L = 12 and n = 64, on 256 queries.
