@@ -17,24 +17,16 @@
 #include <vector>
 
 #include "attention/attention_checks.h"
-#include "common/cpu_vec.h"
-#include "common/online_softmax.h"
+#include "attention/flash_cpu.h"
 
 namespace pk {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kMaxBlockK = 128;
-
-// Row [b, h, i, :] of a 4-D tensor with a contiguous last dimension.
-template <typename P>
-struct Rows {
-  P* data;
-  int64_t s0, s1, s2;
-  explicit Rows(const at::Tensor& t)
-      : data(static_cast<P*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
-  P* operator()(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
-};
+using flash::acc_buffer;
+using flash::kBlockQ;
+using flash::Rows;
+using flash::Tile;
+using flash::zigzag;
 
 // Element-wise strided reads of a bias [B, H, Nq, Nk] (any strides, 0 where broadcast) or of the map
 // gradient [B, Nq, Nk] (h ignored). row() is null when there is no tensor.
@@ -59,15 +51,6 @@ struct Strided {
   }
 };
 
-// Queries [q0, q0 + rows) x keys [k0, k0 + cols); width is cols rounded up to whole vectors.
-struct Tile {
-  int64_t q0, rows, k0, cols, width;
-  // Keys of the tile that query q0 + r sees: causal hides key j > i.
-  int64_t visible(int64_t r, bool causal) const {
-    return causal ? std::clamp<int64_t>(q0 + r - k0 + 1, 0, cols) : cols;
-  }
-};
-
 // Block counts and padded widths of one call, for accumulation type A.
 struct Plan {
   AttentionDims d;
@@ -80,15 +63,10 @@ struct Plan {
         lanes(vec_lanes),
         dqk_pad(cpu::round_up_lanes(dims.dqk, pad_lanes)),
         dv_pad(cpu::round_up_lanes(dims.dv, pad_lanes)),
-        bk(key_block(dims.nk, vec_lanes)),
+        bk(flash::key_block(dims.nk, vec_lanes)),
         q_blocks((dims.nq + kBlockQ - 1) / kBlockQ),
         k_blocks((dims.nk + bk - 1) / bk) {}
 
-  // Equal blocks of at most kMaxBlockK keys: 77 keys make one tile of 80, not 64 + 13.
-  static int64_t key_block(int64_t nk, int64_t lanes) {
-    const int64_t blocks = std::max<int64_t>(1, (nk + kMaxBlockK - 1) / kMaxBlockK);
-    return std::max(lanes, cpu::round_up_lanes((nk + blocks - 1) / blocks, lanes));
-  }
   Tile tile(int64_t qb, int64_t kb) const {
     const int64_t q0 = qb * kBlockQ, k0 = kb * bk, cols = std::min(bk, d.nk - k0);
     return {q0, std::min(kBlockQ, d.nq - q0), k0, cols, cpu::round_up_lanes(cols, lanes)};
@@ -104,10 +82,6 @@ struct Plan {
   int64_t kv_row(int64_t b, int64_t h) const { return b * d.kv_heads + h / d.group(); }
 };
 
-// Task order within one head: first, last, second, second-to-last block... so that a static split of
-// causal work (whose cost grows or shrinks along the blocks) gives every thread a balanced share.
-inline int64_t zigzag(int64_t t, int64_t n) { return t % 2 == 0 ? t / 2 : n - 1 - t / 2; }
-
 // ------------------------------------------------------------------------------------------- packing
 
 // dst[r][0:ld] = mul * rows(b, h, i0 + r)[0:cols] for r < n, zero-padded: the row-major operand layout.
@@ -120,11 +94,6 @@ void pack_block(const Rows<const T>& rows, int64_t b, int64_t h, int64_t i0, int
     for (int64_t c = 0; c < cols; ++c) y[c] = mul * cpu::to_acc(x[c]);
     std::fill(y + cols, y + ld, A(0));
   }
-}
-
-template <typename A>
-at::Tensor acc_buffer(const at::Tensor& like, at::IntArrayRef sizes) {
-  return at::empty(sizes, like.options().dtype(c10::CppTypeToScalarType<A>::value));
 }
 
 // [b * heads + h][i][0:ld] = src[b, h, i, :], zero-padded: k or v in row-major layout.
@@ -189,19 +158,7 @@ void forward_tile(const Plan& p, const Tile& t, const Strided<T>& bias, int64_t 
   for (int64_t r = 0; r < t.rows; ++r) {
     A* sr = s + r * p.bk;
     finish_scores(sr, t.visible(r, p.causal), t.width, bias.row(b, h, t.q0 + r, t.k0), bias.s3);
-    OnlineSoftmax<A>& st = state[r];
-    const A max = std::max(st.max, cpu::max_lanes(sr, t.width));
-    if (max == A(-INFINITY)) {
-      std::fill(sr, sr + t.width, A(0));
-      continue;
-    }
-    if (max > st.max) {
-      const A rescale = std::exp(st.max - max);
-      st.sum *= rescale;
-      cpu::scale(acc + r * p.dv_pad, rescale, p.dv_pad);
-      st.max = max;
-    }
-    st.sum += cpu::exp_sum(sr, max, t.width);
+    flash::fold_row(sr, t.width, state[r], acc + r * p.dv_pad, p.dv_pad);
   }
   cpu::gemm(t.rows, p.dv_pad, t.cols, s, p.bk, 1, v_rows + t.k0 * p.dv_pad, p.dv_pad, acc, p.dv_pad, true);
 }
