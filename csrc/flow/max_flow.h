@@ -6,9 +6,9 @@
 // arrays; LayeredNetwork computes them from the layer sizes, so the layered op reads 8 bytes per arc
 // (the residual) instead of 24.
 //
-// Numerics: capacities are doubles and are never rounded to integers. A push or augmentation moves
-// delta = min(excess or bottleneck, residual), so the arc it saturates lands on exactly 0 and the node it
-// empties on exactly 0. Rounding elsewhere can leave residuals or excesses that should be 0 at ~1e-17;
+// Numerics: capacities are doubles and are never rounded to integers. A push moves
+// delta = min(excess, residual), so the arc it saturates lands on exactly 0 and the node it empties on
+// exactly 0. Rounding elsewhere can leave residuals or excesses that should be 0 at ~1e-17;
 // chasing those would only waste work, so a residual <= eps counts as saturated and an excess <= eps as
 // none, with eps = kRelativeEps * (largest capacity). Each ignored quantity is at most eps, so the value
 // returned is below the exact one by at most (num_nodes + num_arcs) * eps (a cut argument), and never above
@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace pk {
