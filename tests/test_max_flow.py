@@ -267,9 +267,10 @@ def test_op_entry_checks():
 
 
 def test_thread_count_invariance():
-    maps = _maps([12] * 7, seed=11)
-    ei, cap = _random_graph(200, 1500, seed=12)
-    src, snk = torch.arange(0, 40), torch.arange(100, 140)
+    # Sizes large enough that the engine splits the queries into several chunks.
+    maps = _maps([32] * 9, seed=11)
+    ei, cap = _random_graph(2000, 20000, seed=12)
+    src, snk = torch.arange(0, 80), torch.arange(1000, 1080)
     before = torch.get_num_threads()
     try:
         results = []
