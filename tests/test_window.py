@@ -146,12 +146,14 @@ def test_strided_inputs(device, engine):
 
 
 @pytest.mark.parametrize("device,engine", ENGINES)
-def test_results_are_deterministic_for_any_thread_count(device, engine):
-    case = ((21, 21), 7, 3, 32, "table", True)
+@pytest.mark.parametrize("window", [7, 12])
+def test_results_are_deterministic_for_any_thread_count(device, engine, window):
+    case = ((21, 21), window, window // 2, 32, "table", True)
     q, k, v, table, pad_kv = _inputs(case, torch.float32, device, batch=3)
 
     def run():
-        out = pkw.window_attention(q, k, v, (21, 21), 7, 3, rel_pos_bias=table, pad_kv=pad_kv, backend=engine)
+        out = pkw.window_attention(q, k, v, (21, 21), window, window // 2, rel_pos_bias=table, pad_kv=pad_kv,
+                                   backend=engine)
         return (out,) + torch.autograd.grad(out.square().sum(), (q, k, v, table))
 
     threads = torch.get_num_threads()

@@ -167,14 +167,11 @@ struct ScoreBias {
     std::fill(s + t.cols, s + t.width, A(-INFINITY));
   }
 
-  // The gradient of the scores of query position i goes back to the bias: dense rows or table entries.
-  void accumulate(A* dense_row, A* table_grad, int64_t i, const Tile& t, const A* ds) const {
-    if (table) {
-      A* row = table_grad + center + offset[i];
-      const int64_t* off = offset.data() + t.k0;
-      for (int64_t j = 0; j < t.cols; ++j) row[-off[j]] += ds[j];
-    } else {
-      cpu::axpy(dense_row + t.k0, A(1), ds, t.cols);
+  // Adds the dense gradient rows [q0, q0 + rows) x [0, n) to the table entries they were gathered from.
+  void fold_into_table(const A* dense_rows, int64_t q0, int64_t rows, int64_t n, A* table_grad) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      A* row = table_grad + center + offset[q0 + r];
+      for (int64_t j = 0; j < n; ++j) row[-offset[j]] += dense_rows[r * n + j];
     }
   }
 };
@@ -283,26 +280,40 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
 // ------------------------------------------------------------------------------------------- backward
 
 // One task's buffers: a packed query block (times scale), its grad_out block, lse and correction per row,
-// and the P and dS tiles.
+// the P and dS tiles, and the window's packed keys and values when the task packs them itself.
 template <typename A>
 struct Scratch {
-  std::vector<A> q, dout, lse, corr, s, x;
-  explicit Scratch(const Plan& p)
+  std::vector<A> q, dout, lse, corr, s, x, kt, kp, vt;
+  Scratch(const Plan& p, bool packs)
       : q(kBlockQ * p.dqk_pad), dout(kBlockQ * p.dv_pad), lse(kBlockQ), corr(kBlockQ), s(kBlockQ * p.bk),
-        x(kBlockQ * p.bk) {}
+        x(kBlockQ * p.bk), kt(packs ? p.kt_size() : 0), kp(packs ? p.kp_size() : 0), vt(packs ? p.vt_size() : 0) {}
 };
 
-// What both passes share: the inputs, the window's packed keys and values, and P and dS of a tile.
+// One window's keys and values as the backward reads them: key panels, key rows, value panels.
+template <typename A>
+struct Packs {
+  const A *kt, *kp, *vt;
+};
+
+// What both passes share: the inputs, and P and dS of a tile recomputed from the lse.
 template <typename T, typename A>
 struct Recompute {
   const Plan& p;
-  Rows<const T> q, dout;
+  Rows<const T> q, k, v, dout;
+  const T* pad_kv;  // [2][heads][D] or null
   A scale;
   const ScoreBias<T, A>& bias;
   bool shift_mask;
-  const A *kt, *kp, *vt;  // per (b, h, window): key panels, key rows, value panels
-  const A* lse;           // [B * H][tokens]
-  const A* corr;          // [B * H][tokens]: dO . O
+  const A* lse;   // [B * H][tokens]
+  const A* corr;  // [B * H][tokens]: dO . O
+
+  void pack(int64_t b, int64_t h, const WindowView& view, A* kt, A* kp, A* vt) const {
+    const int64_t D = p.d.dqk;
+    const Source<T> ks{k, pad_kv ? pad_kv + h * D : nullptr}, vs{v, pad_kv ? pad_kv + (p.d.heads + h) * D : nullptr};
+    gather_panels(ks, b, h, view.token.data(), p.n, D, p.bk, kt);
+    gather_rows(ks, b, h, view.token.data(), p.n, D, p.dqk_pad, A(1), kp);
+    gather_panels(vs, b, h, view.token.data(), p.n, p.d.dv, p.bk, vt);
+  }
 
   // The query block of tile `rows`: pad positions get q = dO = 0 and lse = -inf, so P = dS = 0 there.
   void load(int64_t b, int64_t h, const WindowView& view, const Tile& rows, Scratch<A>& w) const {
@@ -316,9 +327,9 @@ struct Recompute {
     }
   }
 
-  // w.s = P and w.x = dS = P (dO V^T - corr) of tile t in window i = bhw(b, h, w).
-  void tile_grads(const Tile& t, int64_t h, int64_t i, const WindowView& view, Scratch<A>& w) const {
-    tile_scores(p, t, w.q.data(), kt + i * p.kt_size(), w.s.data());
+  // w.s = P and w.x = dS = P (dO V^T - corr) of tile t.
+  void tile_grads(const Tile& t, int64_t h, const Packs<A>& kv, const WindowView& view, Scratch<A>& w) const {
+    tile_scores(p, t, w.q.data(), kv.kt, w.s.data());
     for (int64_t r = 0; r < t.rows; ++r) {
       A* sr = w.s.data() + r * p.bk;
       if (w.lse[r] == A(-INFINITY)) {
@@ -328,10 +339,26 @@ struct Recompute {
       bias.finish(sr, h, t.q0 + r, t, view);
       cpu::exp_sum(sr, w.lse[r], t.width);
     }
-    const A* panel = vt + i * p.vt_size() + t.k0 / p.bk * p.d.dv * p.bk;
+    const A* panel = kv.vt + t.k0 / p.bk * p.d.dv * p.bk;
     cpu::gemm(t.rows, t.width, p.d.dv, w.dout.data(), p.dv_pad, 1, panel, p.bk, w.x.data(), p.bk, false);
     for (int64_t r = 0; r < t.rows; ++r)
       cpu::softmax_grad(w.x.data() + r * p.bk, w.s.data() + r * p.bk, w.corr[r], t.width);
+  }
+
+  // dk += dS^T (scale q) and dv += P^T dO for the keys of tile t.
+  void key_grads(const Tile& t, const Scratch<A>& w, A* dk_acc, A* dv_acc) const {
+    cpu::gemm(t.cols, p.dv_pad, t.rows, w.s.data(), 1, p.bk, w.dout.data(), p.dv_pad, dv_acc, p.dv_pad, true);
+    cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, dk_acc, p.dqk_pad, true);
+  }
+
+  void store_key_grads(int64_t b, int64_t h, const WindowView& view, const Tile& keys, const A* dk_acc,
+                       const A* dv_acc, const Rows<T>& dk, const Rows<T>& dv) const {
+    for (int64_t j = 0; j < keys.cols; ++j) {
+      const int64_t token = view.token[keys.k0 + j];
+      if (token < 0) continue;
+      cpu::store(dk(b, h, token), dk_acc + j * p.dqk_pad, A(1), p.d.dqk);
+      cpu::store(dv(b, h, token), dv_acc + j * p.dv_pad, A(1), p.d.dv);
+    }
   }
 };
 
@@ -346,34 +373,53 @@ int64_t bias_groups(const Plan& p, int64_t partial_per_group) {
 }
 
 // Pass over (group, head, query block): dq = scale dS K, and the task's bias-gradient partial: dense rows
-// [G][H][n][n], or a table [G][H][q_blocks][table_rows].
+// [G][H][n][n], or a table [G][H][q_blocks][table_rows]. Either way dS is summed over the group's windows
+// as dense rows, whose sum is gathered into table entries once per task. Windows of one query block (whose keys fit one
+// tile) are done here completely: the task owns all of the window's gradient rows, so it also writes dk and
+// dv from the same P and dS, packing the window itself; `global` is then null. Otherwise the keys and values
+// come packed per window in `global` and dkv_pass does dk and dv.
 template <typename T, typename A>
-void dq_pass(const Recompute<T, A>& c, const Rows<T>& dq, int64_t groups, A* dense_partial, A* table_partial) {
+void dq_pass(const Recompute<T, A>& c, const A* global, const Rows<T>& dq, const Rows<T>& dk, const Rows<T>& dv,
+             int64_t groups, A* dense_partial, A* table_partial) {
   const Plan& p = c.p;
-  const int64_t H = p.d.heads, items = p.d.batch * p.windows;
+  const int64_t H = p.d.heads, items = p.d.batch * p.windows, per_window = p.kt_size() + p.kp_size() + p.vt_size();
+  const bool fused = global == nullptr;
   at::parallel_for(0, groups * H * p.q_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> w(p);
+    Scratch<A> w(p, fused);
     WindowView view(p);
-    std::vector<A> acc(kBlockQ * p.dqk_pad), dense(dense_partial ? kBlockQ * p.n : 0),
-        table(table_partial ? c.bias.table_rows : 0);
+    std::vector<A> acc(kBlockQ * p.dqk_pad), dense(dense_partial || table_partial ? kBlockQ * p.n : 0),
+        table(table_partial ? c.bias.table_rows : 0), dk_acc(fused ? p.bk * p.dqk_pad : 0),
+        dv_acc(fused ? p.bk * p.dv_pad : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / (H * p.q_blocks), h = task / p.q_blocks % H, qb = task % p.q_blocks;
       const Tile rows = p.tile(qb, 0);
       std::fill(dense.begin(), dense.end(), A(0));
-      std::fill(table.begin(), table.end(), A(0));
       for (int64_t item = g * items / groups; item < (g + 1) * items / groups; ++item) {
-        const int64_t b = item / p.windows, win = item % p.windows, i = p.bhw(b, h, win);
+        const int64_t b = item / p.windows, win = item % p.windows;
         view.load(p, win, c.shift_mask);
+        Packs<A> kv{w.kt.data(), w.kp.data(), w.vt.data()};
+        if (fused) {
+          c.pack(b, h, view, w.kt.data(), w.kp.data(), w.vt.data());
+        } else {
+          const A* base = global + p.bhw(b, h, win) * per_window;
+          kv = {base, base + p.kt_size(), base + p.kt_size() + p.kp_size()};
+        }
         c.load(b, h, view, rows, w);
         std::fill(acc.begin(), acc.end(), A(0));
         for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
           const Tile t = p.tile(qb, kb);
-          c.tile_grads(t, h, i, view, w);
-          cpu::gemm(t.rows, p.dqk_pad, t.cols, w.x.data(), p.bk, 1, c.kp + i * p.kp_size() + t.k0 * p.dqk_pad,
-                    p.dqk_pad, acc.data(), p.dqk_pad, true);
+          c.tile_grads(t, h, kv, view, w);
+          cpu::gemm(t.rows, p.dqk_pad, t.cols, w.x.data(), p.bk, 1, kv.kp + t.k0 * p.dqk_pad, p.dqk_pad, acc.data(),
+                    p.dqk_pad, true);
           if (dense_partial || table_partial)
             for (int64_t r = 0; r < t.rows; ++r)
-              c.bias.accumulate(dense.data() + r * p.n, table.data(), t.q0 + r, t, w.x.data() + r * p.bk);
+              cpu::axpy(dense.data() + r * p.n + t.k0, A(1), w.x.data() + r * p.bk, t.cols);
+          if (fused) {
+            std::fill(dk_acc.begin(), dk_acc.end(), A(0));
+            std::fill(dv_acc.begin(), dv_acc.end(), A(0));
+            c.key_grads(t, w, dk_acc.data(), dv_acc.data());
+            c.store_key_grads(b, h, view, t, dk_acc.data(), dv_acc.data(), dk, dv);
+          }
         }
         const int64_t* token = view.token.data() + rows.q0;
         for (int64_t r = 0; r < rows.rows; ++r)
@@ -382,43 +428,40 @@ void dq_pass(const Recompute<T, A>& c, const Rows<T>& dq, int64_t groups, A* den
       if (dense_partial)
         std::copy(dense.begin(), dense.begin() + rows.rows * p.n,
                   dense_partial + ((g * H + h) * p.n + rows.q0) * p.n);
-      if (table_partial)
+      if (table_partial) {
+        std::fill(table.begin(), table.end(), A(0));
+        c.bias.fold_into_table(dense.data(), rows.q0, rows.rows, p.n, table.data());
         std::copy(table.begin(), table.end(), table_partial + ((g * H + h) * p.q_blocks + qb) * c.bias.table_rows);
+      }
     }
   });
 }
 
-// Pass over (b, h, window, key block): dk = dS^T (scale q) and dv = P^T dO over the window's query blocks.
+// Pass over (b, h, window, key block) of windows with several query blocks: dk = dS^T (scale q) and
+// dv = P^T dO over the window's query blocks.
 template <typename T, typename A>
-void dkv_pass(const Recompute<T, A>& c, const Rows<T>& dk, const Rows<T>& dv) {
+void dkv_pass(const Recompute<T, A>& c, const A* global, const Rows<T>& dk, const Rows<T>& dv) {
   const Plan& p = c.p;
-  const int64_t H = p.d.heads;
+  const int64_t H = p.d.heads, per_window = p.kt_size() + p.kp_size() + p.vt_size();
   at::parallel_for(0, p.d.batch * H * p.windows * p.k_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> w(p);
+    Scratch<A> w(p, false);
     WindowView view(p);
     std::vector<A> dk_acc(p.bk * p.dqk_pad), dv_acc(p.bk * p.dv_pad);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / p.k_blocks, kb = task % p.k_blocks;
       const int64_t b = i / (H * p.windows), h = i / p.windows % H;
       view.load(p, i % p.windows, c.shift_mask);
+      const A* base = global + i * per_window;
+      const Packs<A> kv{base, base + p.kt_size(), base + p.kt_size() + p.kp_size()};
       std::fill(dk_acc.begin(), dk_acc.end(), A(0));
       std::fill(dv_acc.begin(), dv_acc.end(), A(0));
       for (int64_t qb = 0; qb < p.q_blocks; ++qb) {
         const Tile t = p.tile(qb, kb);
         c.load(b, h, view, p.tile(qb, 0), w);
-        c.tile_grads(t, h, i, view, w);
-        cpu::gemm(t.cols, p.dv_pad, t.rows, w.s.data(), 1, p.bk, w.dout.data(), p.dv_pad, dv_acc.data(), p.dv_pad,
-                  true);
-        cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, dk_acc.data(), p.dqk_pad,
-                  true);
+        c.tile_grads(t, h, kv, view, w);
+        c.key_grads(t, w, dk_acc.data(), dv_acc.data());
       }
-      const Tile keys = p.tile(0, kb);
-      for (int64_t j = 0; j < keys.cols; ++j) {
-        const int64_t token = view.token[keys.k0 + j];
-        if (token < 0) continue;
-        cpu::store(dk(b, h, token), dk_acc.data() + j * p.dqk_pad, A(1), p.d.dqk);
-        cpu::store(dv(b, h, token), dv_acc.data() + j * p.dv_pad, A(1), p.d.dv);
-      }
+      c.store_key_grads(b, h, view, p.tile(0, kb), dk_acc.data(), dv_acc.data(), dk, dv);
     }
   });
 }
@@ -490,39 +533,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
     const Plan p(d, cpu::kLanes<A>, cpu::kHalfLanes<A>);
     const at::Tensor table = table_in_acc<A>(bias_table);
     const ScoreBias<T, A> bias(p, table, dense_bias);
-    const int64_t H = d.heads, bhw_count = d.batch * H * p.windows;
-    at::Tensor kt = acc_buffer<A>(q, {bhw_count, p.kt_size()}), kp = acc_buffer<A>(q, {bhw_count, p.kp_size()});
-    at::Tensor vt = acc_buffer<A>(q, {bhw_count, p.vt_size()});
-    at::parallel_for(0, bhw_count, 1, [&](int64_t begin, int64_t end) {
-      WindowView view(p);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (H * p.windows), h = i / p.windows % H;
-        view.load(p, i % p.windows, false);
-        const Source<T> ks = source<T>(k, pad_kv, 0, h), vs = source<T>(v, pad_kv, 1, h);
-        gather_panels(ks, b, h, view.token.data(), p.n, d.dqk, p.bk, kt.data_ptr<A>() + i * p.kt_size());
-        gather_rows(ks, b, h, view.token.data(), p.n, d.dqk, p.dqk_pad, A(1), kp.data_ptr<A>() + i * p.kp_size());
-        gather_panels(vs, b, h, view.token.data(), p.n, d.dv, p.bk, vt.data_ptr<A>() + i * p.vt_size());
-      }
-    });
     const at::Tensor corr = corrections<T, A>(q, out, grad_out);
     const Recompute<T, A> c{p,
                             Rows<const T>(q),
+                            Rows<const T>(k),
+                            Rows<const T>(v),
                             Rows<const T>(grad_out),
+                            pad_kv ? pad_kv->data_ptr<T>() : nullptr,
                             static_cast<A>(scale),
                             bias,
                             shift_mask,
-                            kt.data_ptr<A>(),
-                            kp.data_ptr<A>(),
-                            vt.data_ptr<A>(),
                             lse_rows.data_ptr<A>(),
                             corr.data_ptr<A>()};
+    const int64_t H = d.heads, bhw_count = d.batch * H * p.windows;
+    // Windows with several query blocks are read by many tasks: their keys and values are packed once.
+    at::Tensor packed;
+    if (p.q_blocks > 1) {
+      const int64_t per_window = p.kt_size() + p.kp_size() + p.vt_size();
+      packed = acc_buffer<A>(q, {bhw_count, per_window});
+      at::parallel_for(0, bhw_count, 1, [&](int64_t begin, int64_t end) {
+        WindowView view(p);
+        for (int64_t i = begin; i < end; ++i) {
+          view.load(p, i % p.windows, false);
+          A* base = packed.data_ptr<A>() + i * per_window;
+          c.pack(i / (H * p.windows), i / p.windows % H, view, base, base + p.kt_size(),
+                 base + p.kt_size() + p.kp_size());
+        }
+      });
+    }
+    const A* global = packed.defined() ? packed.data_ptr<A>() : nullptr;
     const int64_t table_rows = window::table_rows(p.g);
     const int64_t per_group = dense_grad ? H * p.n * p.n : table_grad ? H * p.q_blocks * table_rows : 0;
     const int64_t groups = bias_groups(p, per_group);
     at::Tensor partial = acc_buffer<A>(q, {groups * per_group});
-    dq_pass(c, Rows<T>(dq), groups, dense_grad ? partial.data_ptr<A>() : nullptr,
+    const Rows<T> dk_rows(dk), dv_rows(dv);
+    dq_pass(c, global, Rows<T>(dq), dk_rows, dv_rows, groups, dense_grad ? partial.data_ptr<A>() : nullptr,
             table_grad ? partial.data_ptr<A>() : nullptr);
-    dkv_pass(c, Rows<T>(dk), Rows<T>(dv));
+    if (global) dkv_pass(c, global, dk_rows, dv_rows);
     if (dense_grad) reduce_dense(p, partial.data_ptr<A>(), groups, dbias.data_ptr<T>());
     if (table_grad) reduce_table(p, partial.data_ptr<A>(), groups, table_rows, dbias.data_ptr<T>());
   });
