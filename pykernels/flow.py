@@ -64,7 +64,8 @@ def maxmin_matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") ->
     Batch dimensions broadcast as in ``torch.matmul``; ``a`` is ``[..., m, k]``, ``b`` ``[..., k, n]``. The
     value is bitwise that of the broadcast formula. The gradient of ``c[i, j]`` goes to a single element: at
     the lowest maximising ``k*``, to ``a[i, k*]`` if ``a[i, k*] <= b[k*, j]`` (ties go to ``a``), else to
-    ``b[k*, j]``. NaN in row ``i`` of ``a`` or column ``j`` of ``b`` makes ``c[i, j]`` NaN.
+    ``b[k*, j]``. NaN in row ``i`` of ``a`` or column ``j`` of ``b`` makes ``c[i, j]`` NaN; ``k*`` is then the
+    first NaN pair, and both of its elements receive the gradient (as autograd of the broadcast formula does).
     """
     op = "pykernels.maxmin_matmul"
     batch = _check_operands(op, a, b)

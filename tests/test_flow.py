@@ -368,3 +368,14 @@ def test_direct_op_calls_check_their_inputs():
         ops.maxmin_matmul_backward(a, b, argk, out[:, :2], True, True)
     with pytest.raises(RuntimeError, match=r"soft_maxmin_matmul: temperature must be finite and > 0"):
         ops.soft_maxmin_matmul(a, b, -1.0)
+
+
+@pytest.mark.parametrize("device,engine", ENGINES)
+def test_hard_product_gradient_at_a_nan_pair_reaches_both(device, engine):
+    a, b = _maps((1, 3, 4), (1, 4, 2), torch.float64, device)
+    a[0, 1, 2] = float("nan")
+    a, b = a.requires_grad_(), b.requires_grad_()
+    got = _grads(pk.maxmin_matmul(a, b, backend=engine), (a, b))
+    expected = _grads(ref.maxmin_matmul(a, b), (a, b))
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, equal_nan=True)

@@ -35,4 +35,15 @@ PK_HOST_DEVICE bool a_is_min(A a, A b) {
   return a <= b;
 }
 
+// Where the hard backward sends the gradient of out[i, j], given the pair at its arg-max k*: to a when
+// a <= b, to b when a > b, and to both when the pair holds a NaN (as autograd of the broadcast formula does).
+template <typename A>
+PK_HOST_DEVICE bool grad_to_a(A a, A b) {
+  return !(a > b);
+}
+template <typename A>
+PK_HOST_DEVICE bool grad_to_b(A a, A b) {
+  return !(a <= b);
+}
+
 }  // namespace pk::flow

@@ -390,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_backward_cpu(const at::Tensor& 
           std::fill(acc.begin(), acc.end(), A(0));
           for (int64_t j = 0; j < d.n; ++j) {
             const int64_t k = ks[row * d.n + j];
-            if (flow::a_is_min(av(bi, i, k), bv(bi, k, j))) acc[k] += cpu::to_acc(g[row * d.n + j]);
+            if (flow::grad_to_a(av(bi, i, k), bv(bi, k, j))) acc[k] += cpu::to_acc(g[row * d.n + j]);
           }
           for (int64_t k = 0; k < d.k; ++k) ga[row * d.k + k] = static_cast<scalar_t>(acc[k]);
         }
@@ -411,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_backward_cpu(const at::Tensor& 
             const int64_t row = bi * d.m + i;
             for (int64_t c = 0; c < cols; ++c) {
               const int64_t j = j0 + c, k = ks[row * d.n + j];
-              if (!flow::a_is_min(av(bi, i, k), bv(bi, k, j))) acc[k * kColBlock + c] += cpu::to_acc(g[row * d.n + j]);
+              if (flow::grad_to_b(av(bi, i, k), bv(bi, k, j))) acc[k * kColBlock + c] += cpu::to_acc(g[row * d.n + j]);
             }
           }
           for (int64_t k = 0; k < d.k; ++k)

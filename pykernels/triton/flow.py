@@ -101,9 +101,9 @@ def _hard_tile(a_base, b_base, rows, cols, M, N, K, sam, sak, sbk, sbn, ACC: tl.
 
 @triton.jit
 def _soft_exp(h, x, inv_t, CLAMP: tl.constexpr):
-    # Written as a select, not tl.minimum, so a NaN exponent becomes CLAMP exactly as in the C++ engines.
+    # Written as a select that keeps a NaN exponent NaN, as csrc/flow/maxmin.h's soft_exponent does.
     e = (h - x) * inv_t
-    return tl.exp(tl.where(e < CLAMP, e, CLAMP))
+    return tl.exp(tl.where(CLAMP < e, CLAMP, e))
 
 
 @triton.jit
