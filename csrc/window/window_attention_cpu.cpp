@@ -91,11 +91,18 @@ struct Source {
   const T* row(int64_t b, int64_t h, int64_t token) const { return token >= 0 ? rows(b, h, token) : pad; }
 };
 
+// q, k, v and the keys and values of pad tokens (pad_kv [2][heads][D], null for zeros).
 template <typename T>
-Source<T> source(const at::Tensor& t, const std::optional<at::Tensor>& pad_kv, int64_t which, int64_t head) {
-  const T* pad = pad_kv ? pad_kv->data_ptr<T>() + (which * pad_kv->size(1) + head) * pad_kv->size(2) : nullptr;
-  return {Rows<const T>(t), pad};
-}
+struct Inputs {
+  Rows<const T> q, k, v;
+  const T* pad_kv;
+  int64_t heads, dqk;
+  Inputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const std::optional<at::Tensor>& pad)
+      : q(q_), k(k_), v(v_), pad_kv(pad ? pad->data_ptr<T>() : nullptr), heads(q_.size(1)), dqk(q_.size(3)) {}
+  Source<T> queries() const { return {q, nullptr}; }
+  Source<T> keys(int64_t h) const { return {k, pad_kv ? pad_kv + h * dqk : nullptr}; }
+  Source<T> values(int64_t h) const { return {v, pad_kv ? pad_kv + (heads + h) * dqk : nullptr}; }
+};
 
 // dst[r][0:ld] = mul * row of position p0 + r, zero-padded, for r < count: the row-major operand layout.
 template <typename T, typename A>
@@ -190,26 +197,29 @@ void tile_scores(const Plan& p, const Tile& t, const A* q_block, const A* kt, A*
 
 // ------------------------------------------------------------------------------------------- forward
 
+// The forward's view of one window's keys and values: key panels and value rows.
 template <typename T, typename A>
-void forward_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const std::optional<at::Tensor>& pad_kv, const ScoreBias<T, A>& bias, bool shift_mask, A scale,
+void pack_forward(const Plan& p, const Inputs<T>& in, int64_t b, int64_t h, const WindowView& view, A* kt, A* vp) {
+  gather_panels(in.keys(h), b, h, view.token.data(), p.n, p.d.dqk, p.bk, kt);
+  gather_rows(in.values(h), b, h, view.token.data(), p.n, p.d.dv, p.dv_pad, A(1), vp);
+}
+
+template <typename T, typename A>
+void forward_kernel(const Plan& p, const Inputs<T>& in, const ScoreBias<T, A>& bias, bool shift_mask, A scale,
                     const at::Tensor& out, const at::Tensor& lse) {
   const int64_t H = p.d.heads, bhw_count = p.d.batch * H * p.windows;
   // Windows of one query block read their keys once: packing them inside the task keeps them in cache.
   const bool local = p.q_blocks == 1;
   at::Tensor kt_all, vp_all;
   if (!local) {
-    kt_all = acc_buffer<A>(q, {bhw_count, p.kt_size()});
-    vp_all = acc_buffer<A>(q, {bhw_count, p.vp_size()});
+    kt_all = acc_buffer<A>(out, {bhw_count, p.kt_size()});
+    vp_all = acc_buffer<A>(out, {bhw_count, p.vp_size()});
     at::parallel_for(0, bhw_count, 1, [&](int64_t begin, int64_t end) {
       WindowView view(p);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (H * p.windows), h = i / p.windows % H;
         view.load(p, i % p.windows, false);
-        gather_panels(source<T>(k, pad_kv, 0, h), b, h, view.token.data(), p.n, p.d.dqk, p.bk,
-                      kt_all.data_ptr<A>() + i * p.kt_size());
-        gather_rows(source<T>(v, pad_kv, 1, h), b, h, view.token.data(), p.n, p.d.dv, p.dv_pad, A(1),
-                    vp_all.data_ptr<A>() + i * p.vp_size());
+        pack_forward(p, in, i / (H * p.windows), i / p.windows % H, view, kt_all.data_ptr<A>() + i * p.kt_size(),
+                     vp_all.data_ptr<A>() + i * p.vp_size());
       }
     });
   }
@@ -226,14 +236,10 @@ void forward_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, con
       view.load(p, w, shift_mask);
       const A *kt = local ? kt_local.data() : kt_all.data_ptr<A>() + i * p.kt_size(),
               *vp = local ? vp_local.data() : vp_all.data_ptr<A>() + i * p.vp_size();
-      if (local) {
-        gather_panels(source<T>(k, pad_kv, 0, h), b, h, view.token.data(), p.n, p.d.dqk, p.bk, kt_local.data());
-        gather_rows(source<T>(v, pad_kv, 1, h), b, h, view.token.data(), p.n, p.d.dv, p.dv_pad, A(1),
-                    vp_local.data());
-      }
+      if (local) pack_forward(p, in, b, h, view, kt_local.data(), vp_local.data());
       const Tile rows = p.tile(qb, 0);
       const int64_t* token = view.token.data() + rows.q0;
-      gather_rows(Source<T>{Rows<const T>(q), nullptr}, b, h, token, rows.rows, p.d.dqk, p.dqk_pad, scale, qs.data());
+      gather_rows(in.queries(), b, h, token, rows.rows, p.d.dqk, p.dqk_pad, scale, qs.data());
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(state.begin(), state.end(), OnlineSoftmax<A>{});
       for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
@@ -272,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
     const Plan p(d, cpu::kLanes<A>, cpu::kHalfLanes<A>);
     const at::Tensor table = table_in_acc<A>(bias_table);
     const ScoreBias<scalar_t, A> bias(p, table, dense_bias);
-    forward_kernel<scalar_t, A>(p, q, k, v, pad_kv, bias, shift_mask, static_cast<A>(scale), out, lse);
+    forward_kernel<scalar_t, A>(p, Inputs<scalar_t>(q, k, v, pad_kv), bias, shift_mask, static_cast<A>(scale), out,
+                                lse);
   });
   return {out, lse};
 }
@@ -299,8 +306,8 @@ struct Packs {
 template <typename T, typename A>
 struct Recompute {
   const Plan& p;
-  Rows<const T> q, k, v, dout;
-  const T* pad_kv;  // [2][heads][D] or null
+  Inputs<T> in;
+  Rows<const T> dout;
   A scale;
   const ScoreBias<T, A>& bias;
   bool shift_mask;
@@ -308,17 +315,15 @@ struct Recompute {
   const A* corr;  // [B * H][tokens]: dO . O
 
   void pack(int64_t b, int64_t h, const WindowView& view, A* kt, A* kp, A* vt) const {
-    const int64_t D = p.d.dqk;
-    const Source<T> ks{k, pad_kv ? pad_kv + h * D : nullptr}, vs{v, pad_kv ? pad_kv + (p.d.heads + h) * D : nullptr};
-    gather_panels(ks, b, h, view.token.data(), p.n, D, p.bk, kt);
-    gather_rows(ks, b, h, view.token.data(), p.n, D, p.dqk_pad, A(1), kp);
-    gather_panels(vs, b, h, view.token.data(), p.n, p.d.dv, p.bk, vt);
+    gather_panels(in.keys(h), b, h, view.token.data(), p.n, p.d.dqk, p.bk, kt);
+    gather_rows(in.keys(h), b, h, view.token.data(), p.n, p.d.dqk, p.dqk_pad, A(1), kp);
+    gather_panels(in.values(h), b, h, view.token.data(), p.n, p.d.dv, p.bk, vt);
   }
 
   // The query block of tile `rows`: pad positions get q = dO = 0 and lse = -inf, so P = dS = 0 there.
   void load(int64_t b, int64_t h, const WindowView& view, const Tile& rows, Scratch<A>& w) const {
     const int64_t* token = view.token.data() + rows.q0;
-    gather_rows(Source<T>{q, nullptr}, b, h, token, rows.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
+    gather_rows(in.queries(), b, h, token, rows.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
     gather_rows(Source<T>{dout, nullptr}, b, h, token, rows.rows, p.d.dv, p.dv_pad, A(1), w.dout.data());
     const int64_t base = (b * p.d.heads + h) * p.d.tokens;
     for (int64_t r = 0; r < rows.rows; ++r) {
@@ -535,11 +540,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
     const ScoreBias<T, A> bias(p, table, dense_bias);
     const at::Tensor corr = corrections<T, A>(q, out, grad_out);
     const Recompute<T, A> c{p,
-                            Rows<const T>(q),
-                            Rows<const T>(k),
-                            Rows<const T>(v),
+                            Inputs<T>(q, k, v, pad_kv),
                             Rows<const T>(grad_out),
-                            pad_kv ? pad_kv->data_ptr<T>() : nullptr,
                             static_cast<A>(scale),
                             bias,
                             shift_mask,
