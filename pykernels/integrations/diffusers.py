@@ -1,5 +1,5 @@
-"""diffusers: an attention processor on :func:`pykernels.fused_attention`, head-averaged attention maps, and
-Vico's ST-Flow loss on a video UNet."""
+"""diffusers: an attention processor on :func:`pykernels.fused_attention`, head-averaged attention maps,
+HiDiffusion's MSW-MSA, and Vico's ST-Flow loss on a video UNet."""
 from __future__ import annotations
 
 import math
@@ -41,47 +41,164 @@ class FusedAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         from ..attention import fused_attention  # on use, as in pykernels.nn.attention
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch_size, sequence_length, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        def attend(query, key, value, attention_mask):
+            out = fused_attention(query, key, value, attn_bias=attention_mask, return_attn_mean=self.record_maps,
+                                  backend=self.backend)
+            if self.record_maps:
+                out, attn_map = out
+                self.maps.append(attn_map)
+            return out
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        return _run_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend)
 
-        out = fused_attention(query, key, value, attn_bias=attention_mask, return_attn_mean=self.record_maps,
-                              backend=self.backend)
-        if self.record_maps:
-            out, attn_map = out
-            self.maps.append(attn_map)
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+
+def _run_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend):
+    """AttnProcessor2_0's steps around ``attend(q, k, v, mask) -> [B, heads, N, head_dim]``."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch_size, sequence_length, _ = context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    out = attend(query, key, value, attention_mask)
+    hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+# HiDiffusion's MSW-MSA ------------------------------------------------------------------------------------------
+#
+# The transformer blocks whose self-attention HiDiffusion replaces with MSW-MSA, per model
+# (hidiffusion/hidiffusion.py, sd15_hidiffusion_key / sdxl_hidiffusion_key / sdxl_turbo_hidiffusion_key,
+# 'windown_attn_module_key'). HiDiffusion patches the whole block and partitions the normalised tokens around
+# attn1; the projections and everything else in attn1 act per token, so a processor on attn1 that runs
+# MSW-MSA on the un-partitioned tokens computes the same thing.
+_SDXL_MSW_MSA = tuple(f"{side}_blocks.1.attentions.{a}.transformer_blocks.{t}"
+                      for side, attentions in (("down", 2), ("up", 3)) for a in range(attentions) for t in range(2))
+MSW_MSA_BLOCKS = {
+    "sd15": ("down_blocks.0.attentions.0.transformer_blocks.0", "down_blocks.0.attentions.1.transformer_blocks.0",
+             "up_blocks.3.attentions.0.transformer_blocks.0", "up_blocks.3.attentions.1.transformer_blocks.0",
+             "up_blocks.3.attentions.2.transformer_blocks.0"),
+    "sdxl": _SDXL_MSW_MSA,
+    "sdxl_turbo": _SDXL_MSW_MSA,
+}
+
+
+class MSWMSAProcessor:
+    """A diffusers self-attention processor running HiDiffusion's MSW-MSA (:func:`pykernels.msw_msa`).
+
+    The token grid ``(H, W)`` of a call is ``spatial_shape`` when given (a pair, or a callable of the token
+    count), else derived as HiDiffusion does from the UNet input size that :func:`apply_msw_msa` records:
+    ``r = int(sqrt(H0 * W0 // N))``, ``(H0 // r, W0 // r)``; a square grid otherwise. Each call draws its shift
+    from ``generator`` (HiDiffusion draws from the global generator), so a seeded generator reproduces a run.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None, spatial_shape=None, *, backend: str = "auto"):
+        _attention_class()
+        self.generator, self.spatial_shape, self.backend = generator, spatial_shape, backend
+        self.input_size: tuple[int, int] | None = None
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        if callable(self.spatial_shape):
+            return tuple(self.spatial_shape(tokens))
+        if self.spatial_shape is not None:
+            return tuple(self.spatial_shape)
+        if self.input_size is not None:
+            h0, w0 = self.input_size
+            ratio = int(math.sqrt(h0 * w0 // tokens))
+            return h0 // ratio, w0 // ratio
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"pykernels MSWMSAProcessor: {tokens} tokens are not a square grid; pass spatial_shape "
+                             "or install with apply_msw_msa, which records the UNet's input size")
+        return side, side
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        from ..window import msw_msa
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("pykernels MSWMSAProcessor: MSW-MSA is unmasked self-attention; this layer got "
+                             "encoder_hidden_states or an attention mask")
+
+        def attend(query, key, value, _mask):
+            return msw_msa(query, key, value, self.grid(query.size(2)), generator=self.generator,
+                           backend=self.backend)
+
+        return _run_attention(attn, hidden_states, None, None, temb, attend)
+
+
+class MSWMSAHandle:
+    """What :func:`apply_msw_msa` returns; :meth:`remove` (or leaving a ``with`` block) restores the model."""
+
+    def __init__(self, installed, hook):
+        self.installed, self._hook = installed, hook
+
+    def remove(self) -> None:
+        for module, previous, _ in self.installed.values():
+            module.set_processor(previous)
+        self._hook.remove()
+
+    def __enter__(self) -> MSWMSAHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply_msw_msa(unet: torch.nn.Module, model_type: str = "sd15", generator: torch.Generator | None = None,
+                  blocks: Iterable[str] | None = None, *, backend: str = "auto") -> MSWMSAHandle:
+    """Puts :class:`MSWMSAProcessor` on the self-attention (``attn1``) of the transformer blocks HiDiffusion
+    patches for ``model_type`` (``"sd15"``, ``"sdxl"``, ``"sdxl_turbo"``; or the block names in ``blocks``),
+    sharing one ``generator``, and records the UNet's input size for the token grid as HiDiffusion does.
+    Only MSW-MSA: HiDiffusion's RAU-Net (resolution-aware down/up-sampling) is not part of this."""
+    if blocks is None:
+        if model_type not in MSW_MSA_BLOCKS:
+            raise ValueError(f"apply_msw_msa: model_type must be one of {sorted(MSW_MSA_BLOCKS)}, got {model_type!r}")
+        blocks = MSW_MSA_BLOCKS[model_type]
+    modules = dict(unet.named_modules())
+    missing = [name for name in blocks if f"{name}.attn1" not in modules]
+    if missing:
+        raise KeyError(f"apply_msw_msa: no self-attention (attn1) under {missing} in this model")
+    installed = {}
+    for name in blocks:
+        module = modules[f"{name}.attn1"]
+        processor = MSWMSAProcessor(generator, backend=backend)
+        installed[name] = (module, module.get_processor(), processor)
+        module.set_processor(processor)
+
+    def record_size(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        for _, _, processor in installed.values():
+            processor.input_size = tuple(sample.shape[-2:])
+
+    return MSWMSAHandle(installed, unet.register_forward_pre_hook(record_size, with_kwargs=True))
 
 
 class AttentionMapRecorder:

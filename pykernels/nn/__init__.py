@@ -1,4 +1,5 @@
-"""torch.nn modules built on pykernels ops: PyG-compatible graph layers and torch.nn.MultiheadAttention.
+"""torch.nn modules built on pykernels ops: PyG-compatible graph layers, torch.nn.MultiheadAttention, and
+timm-compatible Swin window attention.
 
 Each loads the state_dict of the layer it replaces as is.
 """
@@ -7,5 +8,7 @@ from .gat import GATConv
 from .gcn import GCNConv
 from .sage import SAGEConv
 from .transformer import TransformerConv
+from .window import MSWMSA, SwinBlock, WindowAttention
 
-__all__ = ["GATConv", "GCNConv", "MultiheadAttention", "SAGEConv", "TransformerConv"]
+__all__ = ["GATConv", "GCNConv", "MSWMSA", "MultiheadAttention", "SAGEConv", "SwinBlock", "TransformerConv",
+           "WindowAttention"]
