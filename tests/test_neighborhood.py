@@ -205,6 +205,16 @@ def test_strided_inputs(engine):
     assert_close(out, expected, torch.float32, scale=4)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("shape", [(0, 2, 12, 8), (1, 0, 12, 8)])
+def test_empty_batch_or_heads(engine, shape):
+    q = torch.randn(shape, requires_grad=True)
+    rpb = torch.randn(shape[1], 5, 5, requires_grad=True)
+    out = neighborhood_attention_2d(q, q, q, (3, 4), 3, rel_pos_bias=rpb, backend=engine)
+    out.sum().backward()  # an empty grad_out arrives with all strides 0
+    assert out.shape == shape and q.grad.shape == shape and torch.equal(rpb.grad, torch.zeros_like(rpb))
+
+
 # ----------------------------------------------------------------------------------- opcheck / gradcheck / compile
 
 NAMESPACES = ["pykernels"]

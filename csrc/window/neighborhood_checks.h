@@ -24,6 +24,15 @@ inline neighborhood::Axis check_axis(const char* op, const char* axis, int64_t l
   return {length, kernel, dilation};
 }
 
+// Token rows are read through the first three strides; each must be contiguous. An empty tensor is never
+// read (autograd hands an empty one over with all strides 0).
+inline void check_tokens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  attention_detail::check_floating(op, name, t, q);
+  PK_CHECK_DIM(op, name, t, 4);
+  TORCH_CHECK(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
+              " must have a contiguous last dimension, got strides ", t.strides());
+}
+
 inline void check_pair(const char* op, const char* name, at::IntArrayRef v) {
   TORCH_CHECK(v.size() == 2, op, ": ", name, " must have two entries (height, width), got ", v);
 }
@@ -36,9 +45,9 @@ inline NeighborhoodDims check_neighborhood(const char* op, const at::Tensor& q, 
                                            const std::optional<at::Tensor>& rpb) {
   using namespace attention_detail;
   using namespace neighborhood_detail;
-  check_rows(op, "q", q, q);
-  check_rows(op, "k", k, q);
-  check_rows(op, "v", v, q);
+  check_tokens(op, "q", q, q);
+  check_tokens(op, "k", k, q);
+  check_tokens(op, "v", v, q);
   check_shape(op, "k", k, q.sizes());
   TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2), op,
               ": v must be [B, heads, tokens, Dv] like q ", q.sizes(), ", got ", v.sizes());
@@ -64,12 +73,13 @@ inline NeighborhoodDims check_neighborhood_backward(const char* op, const at::Te
                                                     const at::Tensor& lse, const at::Tensor& grad_out,
                                                     bool rpb_grad) {
   using namespace attention_detail;
+  using namespace neighborhood_detail;
   const NeighborhoodDims d = check_neighborhood(op, q, k, v, spatial_shape, kernel_size, dilation, rpb);
   TORCH_CHECK(!rpb_grad || rpb, op, ": rpb_grad needs an rpb");
   const std::array<int64_t, 4> out_shape{d.batch, d.heads, d.tokens, d.dv};
-  check_rows(op, "out", out, q);
+  check_tokens(op, "out", out, q);
   check_shape(op, "out", out, out_shape);
-  check_rows(op, "grad_out", grad_out, q);
+  check_tokens(op, "grad_out", grad_out, q);
   check_shape(op, "grad_out", grad_out, out_shape);
   check_lse(op, lse, q, AttentionDims{d.batch, d.heads, d.heads, d.tokens, d.tokens, d.dqk, d.dv});
   return d;
