@@ -15,7 +15,7 @@ import torch
 from .._info import info
 from .timing import peak_memory_mb, time_fn
 
-FAMILIES = ("graph", "attention", "flow")
+FAMILIES = ("graph", "attention", "flow", "window")
 
 
 def add_arguments(parser) -> None:

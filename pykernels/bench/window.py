@@ -1,0 +1,180 @@
+"""Windowed-attention benchmarks: pykernels' fused window attention against the timm-style pipeline (roll,
+pad, partition, mask + bias, SDPA, reverse) and against global SDPA over the same tokens (what windowing
+saves); MSW-MSA against HiDiffusion's roll + partition + SDPA sequence; neighbourhood attention against masked
+dense attention. Every provider starts from the same q, k, v ``[B, heads, H * W, D]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import pykernels as pk
+from pykernels.reference import neighborhood as nref
+from pykernels.reference import window as wref
+
+from .cases import Case, LazyData
+
+FAMILY = "window"
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    name: str
+    kind: str  # "swin", "msw-msa" or "neighborhood"
+    batch: int
+    size: tuple[int, int]
+    heads: int
+    dim: int
+    window: int  # window (swin), kernel (neighborhood); MSW-MSA's is half the map
+    shift: int = 0
+    quick: bool = True
+    # Modes in which global SDPA over all tokens is timed in the quick run (at 16k tokens its backward takes
+    # minutes on a CPU).
+    global_quick: tuple[str, ...] = ("fwd", "fwd+bwd")
+
+    @property
+    def label(self) -> str:
+        h, w = self.size
+        extra = {"swin": f"window {self.window}, shift {self.shift}", "msw-msa": f"windows {h // 2}×{w // 2}",
+                 "neighborhood": f"kernel {self.window}"}[self.kind]
+        return f"{self.name} (B={self.batch}, {h}×{w}, {self.heads} heads, D={self.dim}, {extra})"
+
+
+SPECS = [
+    WindowSpec("Swin-T stage 1", "swin", 8, (56, 56), 3, 32, 7, 3),
+    WindowSpec("Swin-T stage 3", "swin", 8, (14, 14), 12, 32, 7, 3),
+    WindowSpec("MSW-MSA, SD 1.5 at 1024²", "msw-msa", 2, (128, 128), 8, 40, 64, global_quick=("fwd",)),
+    WindowSpec("MSW-MSA, SDXL at 2048²", "msw-msa", 2, (256, 256), 10, 64, 128, quick=False),
+    WindowSpec("neighbourhood attention", "neighborhood", 2, (56, 56), 4, 32, 7),
+    WindowSpec("neighbourhood attention", "neighborhood", 2, (56, 56), 4, 32, 13),
+]
+
+_data = LazyData()
+
+
+def timm_pipeline(q, k, v, size, window, shift, bias_table):
+    """timm's SwinTransformerBlock around its WindowAttention, on q, k, v: roll, pad, partition, relative
+    position bias + shift mask as one float mask, SDPA per window, reverse, crop, roll back."""
+    b, heads, _, d = q.shape
+    h, w = size
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    win = (window, window)
+
+    def windows(x):
+        x = x.reshape(b, heads, h, w, d)
+        if shift:
+            x = torch.roll(x, (-shift, -shift), dims=(2, 3))
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        x = x.reshape(b, heads, hp // window, window, wp // window, window, d).transpose(3, 4)
+        return x.reshape(b, heads, -1, window * window, d)
+
+    mask = wref.table_to_dense(bias_table, win)[:, None]  # [heads, 1, n, n]
+    if shift:
+        regions = wref.shift_regions((hp, wp), win, (shift, shift)).to(q.device)
+        labels = regions.reshape(hp // window, window, wp // window, window).transpose(1, 2)
+        labels = labels.reshape(-1, window * window)
+        mask = mask + (labels[:, None, :] != labels[:, :, None]).to(q.dtype) * wref.SHIFT_MASK_VALUE
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=mask)
+    out = out.reshape(b, heads, hp // window, wp // window, window, window, d).transpose(3, 4)
+    out = out.reshape(b, heads, hp, wp, d)[:, :, :h, :w]
+    if shift:
+        out = torch.roll(out, (shift, shift), dims=(2, 3))
+    return out.reshape(b, heads, h * w, d)
+
+
+def hidiffusion_pipeline(q, k, v, size, shift):
+    """HiDiffusion's MSW-MSA sequence with SDPA as the attention: roll, partition into 2 x 2 windows, SDPA,
+    reverse, roll back (even maps)."""
+    b, heads, _, d = q.shape
+    h, w = size
+    wh, ww = h // 2, w // 2
+
+    def windows(x):
+        x = x.reshape(b, heads, h, w, d)
+        if shift[0]:
+            x = torch.roll(x, (-shift[0], -shift[1]), dims=(2, 3))
+        return x.reshape(b, heads, 2, wh, 2, ww, d).transpose(3, 4).reshape(b, heads, 4, wh * ww, d)
+
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v))
+    out = out.reshape(b, heads, 2, 2, wh, ww, d).transpose(3, 4).reshape(b, heads, h, w, d)
+    if shift[0]:
+        out = torch.roll(out, shift, dims=(2, 3))
+    return out.reshape(b, heads, h * w, d)
+
+
+def masked_dense(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _backward(fn, leaves):
+    """Forward + backward; ``leaves()`` is read at run time, when the case's data is the live one."""
+    def run():
+        inputs = leaves()
+        out = fn()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return run
+
+
+def cases(device: torch.device, quick: bool, spec_list: list[WindowSpec] | None = None) -> list[Case]:
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out = []
+    for spec in SPECS if spec_list is None else spec_list:
+        if quick and not spec.quick:
+            continue
+
+        def get(spec=spec):
+            def build():
+                g = torch.Generator().manual_seed(0)
+                shape = (spec.batch, spec.heads, spec.size[0] * spec.size[1], spec.dim)
+                data = {name: torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for name in "qkv"}
+                if spec.kind == "swin":
+                    table = torch.randn((2 * spec.window - 1) ** 2, spec.heads, generator=g) * 0.1
+                    data["table"] = table.to(device, dtype)
+                if spec.kind == "neighborhood":
+                    allowed = nref.neighborhood_mask(spec.size, spec.window, device=device)
+                    data["mask"] = allowed.expand(spec.batch, spec.heads, -1, -1)
+                return data
+            return _data.get((spec, device), build)
+
+        def qkv(get=get):
+            d = get()
+            return d["q"], d["k"], d["v"]
+
+        shift = (spec.size[0] // 2 // 4, spec.size[1] // 2 // 4)  # MSW-MSA: a quarter of the window
+        if spec.kind == "swin":
+            providers = {
+                "pykernels": lambda get=get, s=spec: pk.window_attention(*qkv(get), s.size, s.window, s.shift,
+                                                                         get()["table"]),
+                "timm-style roll + pad + partition + SDPA + reverse":
+                    lambda get=get, s=spec: timm_pipeline(*qkv(get), s.size, s.window, s.shift, get()["table"]),
+            }
+        elif spec.kind == "msw-msa":
+            providers = {
+                "pykernels": lambda get=get, s=spec, sh=shift: pk.msw_msa(*qkv(get), s.size, shift=sh),
+                "HiDiffusion roll + partition + SDPA + reverse":
+                    lambda get=get, s=spec, sh=shift: hidiffusion_pipeline(*qkv(get), s.size, sh),
+            }
+        else:
+            providers = {
+                "pykernels": lambda get=get, s=spec: pk.neighborhood_attention_2d(*qkv(get), s.size, s.window),
+                "masked dense SDPA": lambda get=get: masked_dense(*qkv(get), get()["mask"]),
+            }
+        if spec.kind != "neighborhood":
+            providers["global SDPA over all tokens (no windows)"] = \
+                lambda get=get: F.scaled_dot_product_attention(*qkv(get))
+        for mode in ("fwd", "fwd+bwd"):
+            chosen = dict(providers)
+            if quick and mode not in spec.global_quick:
+                chosen.pop("global SDPA over all tokens (no windows)", None)
+            if mode == "fwd":
+                timed = {name: (lambda fn=fn: _no_grad(fn)) for name, fn in chosen.items()}
+            else:
+                timed = {name: _backward(fn, lambda get=get: qkv(get)) for name, fn in chosen.items()}
+            out.append(Case(FAMILY, f"{spec.kind} · {spec.label}", mode, timed))
+    return out
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
