@@ -180,7 +180,7 @@ def msw_msa_shift(spatial_shape, generator: torch.Generator | None = None) -> tu
     seeded as HiDiffusion's was picks the same shifts.
     """
     wh, ww = ref.msw_msa_window(_pair("pykernels.msw_msa", "spatial_shape", spatial_shape, 1))
-    u = torch.rand(1, generator=generator).item()
+    u = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu").item()
     i = 0 if u <= 0.25 else 1 if u <= 0.5 else 2 if u <= 0.75 else 3
     return wh // 4 * i, ww // 4 * i
 
