@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 
 @dataclass
 class Case:
@@ -30,3 +32,21 @@ class LazyData:
             self._value = build()
             self._key = key
         return self._value
+
+
+def forward_only(fn, inputs):
+    """A provider timing ``fn(*inputs())`` without autograd."""
+    def run():
+        with torch.no_grad():
+            return fn(*inputs())
+    return run
+
+
+def forward_backward(fn, inputs):
+    """A provider timing ``fn(*inputs())`` and its backward to those inputs. ``inputs`` is called when the
+    case runs, so it sees the data that is live then (LazyData keeps one dataset at a time)."""
+    def run():
+        leaves = inputs()
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run

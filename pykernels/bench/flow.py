@@ -16,7 +16,7 @@ import torch
 import pykernels as pk
 
 from . import max_flow
-from .cases import Case, LazyData
+from .cases import Case, LazyData, forward_backward, forward_only
 
 FAMILY = "flow"
 TEMPERATURE = 0.01
@@ -86,21 +86,6 @@ def _too_big(need: int):
     return run
 
 
-def _backward(fn, get):
-    def run():
-        a, b = get()
-        out = fn(a, b)
-        torch.autograd.grad(out, (a, b), torch.ones_like(out))
-    return run
-
-
-def _forward(fn, get):
-    def run():
-        with torch.no_grad():
-            return fn(*get())
-    return run
-
-
 def cases(device: torch.device, quick: bool, spec_list: list[ProductSpec] | None = None) -> list[Case]:
     dtype = torch.float32
     budget = _memory_budget()
@@ -127,7 +112,7 @@ def cases(device: torch.device, quick: bool, spec_list: list[ProductSpec] | None
             if kind == "soft" and quick and not spec.soft_quick:
                 continue
             name = f"{kind} (max, min) product · {spec.label}"
-            for mode, wrap in (("fwd", _forward), ("fwd+bwd", _backward)):
+            for mode, wrap in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
                 need = _broadcast_bytes(spec, kind == "soft", mode == "fwd+bwd", torch.finfo(dtype).bits // 8)
                 providers = {
                     "pykernels": wrap(ours, get),

@@ -13,7 +13,7 @@ import pykernels as pk
 from pykernels.reference import neighborhood as nref
 from pykernels.reference import window as wref
 
-from .cases import Case, LazyData
+from .cases import Case, LazyData, forward_backward, forward_only
 
 FAMILY = "window"
 
@@ -107,15 +107,6 @@ def masked_dense(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _backward(fn, leaves):
-    """Forward + backward; ``leaves()`` is read at run time, when the case's data is the live one."""
-    def run():
-        inputs = leaves()
-        out = fn()
-        torch.autograd.grad(out, inputs, torch.ones_like(out))
-    return run
-
-
 def cases(device: torch.device, quick: bool, spec_list: list[WindowSpec] | None = None) -> list[Case]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     out = []
@@ -138,43 +129,34 @@ def cases(device: torch.device, quick: bool, spec_list: list[WindowSpec] | None 
             return _data.get((spec, device), build)
 
         def qkv(get=get):
-            d = get()
-            return d["q"], d["k"], d["v"]
+            data = get()
+            return data["q"], data["k"], data["v"]
 
         shift = (spec.size[0] // 2 // 4, spec.size[1] // 2 // 4)  # MSW-MSA: a quarter of the window
+        # Providers take (q, k, v); what else they need is bound here, from this iteration.
         if spec.kind == "swin":
             providers = {
-                "pykernels": lambda get=get, s=spec: pk.window_attention(*qkv(get), s.size, s.window, s.shift,
-                                                                         get()["table"]),
+                "pykernels": lambda q, k, v, get=get, s=spec: pk.window_attention(q, k, v, s.size, s.window, s.shift,
+                                                                                  get()["table"]),
                 "timm-style roll + pad + partition + SDPA + reverse":
-                    lambda get=get, s=spec: timm_pipeline(*qkv(get), s.size, s.window, s.shift, get()["table"]),
+                    lambda q, k, v, get=get, s=spec: timm_pipeline(q, k, v, s.size, s.window, s.shift, get()["table"]),
             }
         elif spec.kind == "msw-msa":
             providers = {
-                "pykernels": lambda get=get, s=spec, sh=shift: pk.msw_msa(*qkv(get), s.size, shift=sh),
+                "pykernels": lambda q, k, v, s=spec, sh=shift: pk.msw_msa(q, k, v, s.size, shift=sh),
                 "HiDiffusion roll + partition + SDPA + reverse":
-                    lambda get=get, s=spec, sh=shift: hidiffusion_pipeline(*qkv(get), s.size, sh),
+                    lambda q, k, v, s=spec, sh=shift: hidiffusion_pipeline(q, k, v, s.size, sh),
             }
         else:
             providers = {
-                "pykernels": lambda get=get, s=spec: pk.neighborhood_attention_2d(*qkv(get), s.size, s.window),
-                "masked dense SDPA": lambda get=get: masked_dense(*qkv(get), get()["mask"]),
+                "pykernels": lambda q, k, v, s=spec: pk.neighborhood_attention_2d(q, k, v, s.size, s.window),
+                "masked dense SDPA": lambda q, k, v, get=get: masked_dense(q, k, v, get()["mask"]),
             }
         if spec.kind != "neighborhood":
-            providers["global SDPA over all tokens (no windows)"] = \
-                lambda get=get: F.scaled_dot_product_attention(*qkv(get))
-        for mode in ("fwd", "fwd+bwd"):
-            chosen = dict(providers)
-            if quick and mode not in spec.global_quick:
-                chosen.pop("global SDPA over all tokens (no windows)", None)
-            if mode == "fwd":
-                timed = {name: (lambda fn=fn: _no_grad(fn)) for name, fn in chosen.items()}
-            else:
-                timed = {name: _backward(fn, lambda get=get: qkv(get)) for name, fn in chosen.items()}
+            providers["global SDPA over all tokens (no windows)"] = F.scaled_dot_product_attention
+        for mode, wrap in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
+            timed = {name: wrap(fn, qkv) for name, fn in providers.items()
+                     if not (quick and name.startswith("global") and mode not in spec.global_quick)}
             out.append(Case(FAMILY, f"{spec.kind} · {spec.label}", mode, timed))
     return out
 
-
-def _no_grad(fn):
-    with torch.no_grad():
-        return fn()
