@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _attention_ops, _backend  # noqa: F401  (_attention_ops registers fake kernels and autograd)
+from ._checks import check_qkv_tensors
 from .reference import attention as ref
 
 __all__ = ["fused_attention"]
@@ -13,17 +14,7 @@ _NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_trit
 
 
 def _check_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{_OP}: {name} must be a floating tensor, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be 4-D [B, heads, tokens, head_dim], got {list(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device}, q on {q.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype}, q has {q.dtype}")
+    check_qkv_tensors(_OP, q, k, v, "tokens")
     b, h, _, d = q.shape
     if k.size(0) != b or v.size(0) != b:
         raise ValueError(f"{_OP}: batch sizes differ: q {b}, k {k.size(0)}, v {v.size(0)}")

@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import _backend, _flow_ops  # noqa: F401  (_flow_ops registers fake kernels and autograd)
+from ._checks import FLOAT_DTYPES
 from ._max_flow import max_flow, max_flow_layered
 from .reference import flow as ref
 
@@ -18,14 +19,13 @@ __all__ = ["attention_flow", "attention_rollout", "max_flow", "max_flow_layered"
            "soft_maxmin_matmul", "st_flow"]
 
 _NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_operands(op: str, a, b):
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{op}: {name} must have at least 2 dimensions [..., rows, cols], got {list(t.shape)}")
@@ -110,7 +110,7 @@ def _check_maps(op: str, maps, residual: float) -> list[torch.Tensor]:
     if not 0 <= residual <= 1:
         raise ValueError(f"{op}: residual must lie in [0, 1], got {residual}")
     for layer, a in enumerate(maps):
-        if not isinstance(a, torch.Tensor) or a.dtype not in _FLOAT_DTYPES or a.dim() < 2:
+        if not isinstance(a, torch.Tensor) or a.dtype not in FLOAT_DTYPES or a.dim() < 2:
             raise TypeError(f"{op}: maps[{layer}] must be a float tensor [..., n_out, n_in]")
         if residual and a.size(-1) != a.size(-2):
             raise ValueError(f"{op}: maps[{layer}] is {list(a.shape)}; a residual needs square maps")

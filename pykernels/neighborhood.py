@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _neighborhood_ops  # noqa: F401  (_neighborhood_ops registers fake kernels and autograd)
+from ._checks import check_grid_qkv, int_pair
 from .reference import neighborhood as ref
 
 __all__ = ["neighborhood_attention_2d"]
@@ -12,47 +13,8 @@ _OP = "pykernels.neighborhood_attention_2d"
 _NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
 
 
-def _int_pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{_OP}: {name} must be an int or a pair of ints (h, w), got {value!r}")
-    if isinstance(value, int):
-        return value, value
-    try:
-        pair = tuple(value)
-    except TypeError:
-        raise TypeError(f"{_OP}: {name} must be an int or a pair of ints (h, w), got {value!r}") from None
-    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
-        raise TypeError(f"{_OP}: {name} must be an int or a pair of ints (h, w), got {value!r}")
-    return pair
-
-
-def _check_tensors(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{_OP}: {name} must be a floating tensor, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be 4-D [B, heads, H*W, head_dim], got {list(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device}, q on {q.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype}, q has {q.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"{_OP}: k must have q's shape {list(q.shape)}, got {list(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{_OP}: v must be [B, heads, H*W, Dv] with q's first three sizes {list(q.shape[:3])}, "
-                         f"got {list(v.shape)}")
-    if q.size(3) == 0:
-        raise ValueError(f"{_OP}: the head dim must be positive")
-
-
-def _check_geometry(tokens, spatial_shape, kernel_size, dilation):
+def _check_geometry(spatial_shape, kernel_size, dilation):
     (h, w), (kh, kw), (dh, dw) = spatial_shape, kernel_size, dilation
-    if h < 1 or w < 1:
-        raise ValueError(f"{_OP}: spatial_shape must be positive, got {spatial_shape}")
-    if h * w != tokens:
-        raise ValueError(f"{_OP}: spatial_shape {spatial_shape} holds {h * w} tokens, but q has {tokens}")
     if kh < 1 or kw < 1 or kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"{_OP}: kernel_size must be odd and positive, got {kernel_size}")
     if dh < 1 or dw < 1:
@@ -96,11 +58,10 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key's offset from the query in dilated steps; it receives a gradient. ``kernel_size`` (odd) and
     ``dilation`` are ints or (h, w) pairs, with ``kernel_size * dilation <= (H, W)``.
     """
-    _check_tensors(q, k, v)
-    spatial = _int_pair(spatial_shape, "spatial_shape")
-    kernel = _int_pair(kernel_size, "kernel_size")
-    dil = _int_pair(dilation, "dilation")
-    _check_geometry(q.size(2), spatial, kernel, dil)
+    spatial = check_grid_qkv(_OP, q, k, v, spatial_shape)
+    kernel = int_pair(_OP, "kernel_size", kernel_size, 0)
+    dil = int_pair(_OP, "dilation", dilation, 0)
+    _check_geometry(spatial, kernel, dil)
     rpb = _check_rpb(rel_pos_bias, q, kernel)
     if scale is None:
         scale = q.size(-1) ** -0.5

@@ -12,26 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _window_ops  # noqa: F401  (_window_ops registers fake kernels and autograd)
+from ._checks import check_grid_qkv, int_pair
 from .attention import _last_dim_contiguous
 from .reference import window as ref
 
 __all__ = ["msw_msa", "msw_msa_shift", "swin_window_shift", "window_attention"]
 
 _NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, numbers.Integral) else value
-    try:
-        pair = tuple(pair)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in pair):
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def swin_window_shift(spatial_shape, window_size, shift_size=0) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -41,38 +28,13 @@ def swin_window_shift(spatial_shape, window_size, shift_size=0) -> tuple[tuple[i
     window covers it, so shifting would only move the seam). ``shift >= window`` is an error.
     """
     op = "pykernels.window_attention"
-    spatial = _pair(op, "spatial_shape", spatial_shape, 1)
-    window = _pair(op, "window_size", window_size, 1)
-    shift = _pair(op, "shift_size", shift_size, 0)
+    spatial = int_pair(op, "spatial_shape", spatial_shape, 1)
+    window = int_pair(op, "window_size", window_size, 1)
+    shift = int_pair(op, "shift_size", shift_size, 0)
     if shift[0] >= window[0] or shift[1] >= window[1]:
         raise ValueError(f"{op}: shift_size {shift} must be smaller than window_size {window} on both axes")
     clamped = tuple(min(r, w) for r, w in zip(spatial, window))
     return clamped, tuple(0 if r <= w else s for r, w, s in zip(spatial, window, shift))
-
-
-def _check_qkv(op: str, q, k, v, spatial_shape) -> tuple[int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D [B, heads, H * W, head_dim], got {list(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}, q has {q.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"{op}: k must have q's shape {list(q.shape)}, got {list(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, heads, H * W, Dv] with q's {list(q.shape[:3])}, got {list(v.shape)}")
-    if q.size(3) == 0:
-        raise ValueError(f"{op}: the head dim must be positive")
-    spatial = _pair(op, "spatial_shape", spatial_shape, 1)
-    if spatial[0] * spatial[1] != q.size(2):
-        raise ValueError(f"{op}: spatial_shape {spatial} has {spatial[0] * spatial[1]} cells but q has "
-                         f"{q.size(2)} tokens")
-    return spatial
 
 
 def _param(op: str, name: str, t, q) -> torch.Tensor:
@@ -156,8 +118,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
       tokens are keys only; their outputs are dropped.
     """
     op = "pykernels.window_attention"
-    spatial = _check_qkv(op, q, k, v, spatial_shape)
-    requested = _pair(op, "window_size", window_size, 1)
+    spatial = check_grid_qkv(op, q, k, v, spatial_shape)
+    requested = int_pair(op, "window_size", window_size, 1)
     window, shift = swin_window_shift(spatial, window_size, shift_size)
     bias_table, dense_bias = _split_bias(op, rel_pos_bias, q, requested, window)
     pad = _pad_kv(op, pad_kv, q, v)
@@ -179,7 +141,7 @@ def msw_msa_shift(spatial_shape, generator: torch.Generator | None = None) -> tu
     The draw is HiDiffusion's own (one ``torch.rand(1)`` against quarters), so the default generator
     seeded as HiDiffusion's was picks the same shifts.
     """
-    wh, ww = ref.msw_msa_window(_pair("pykernels.msw_msa", "spatial_shape", spatial_shape, 1))
+    wh, ww = ref.msw_msa_window(int_pair("pykernels.msw_msa", "spatial_shape", spatial_shape, 1))
     u = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu").item()
     i = 0 if u <= 0.25 else 1 if u <= 0.5 else 2 if u <= 0.75 else 3
     return wh // 4 * i, ww // 4 * i
@@ -208,11 +170,11 @@ def msw_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, sh
     function, which keeps its results identical to HiDiffusion's (and as degraded).
     """
     op = "pykernels.msw_msa"
-    spatial = _check_qkv(op, q, k, v, spatial_shape)
+    spatial = check_grid_qkv(op, q, k, v, spatial_shape)
     window = ref.msw_msa_window(spatial)
     if shift is None:
         shift = msw_msa_shift(spatial, generator)
-    shift = _pair(op, "shift", shift, 0)
+    shift = int_pair(op, "shift", shift, 0)
     if shift[0] >= window[0] or shift[1] >= window[1]:
         raise ValueError(f"{op}: shift {shift} must be smaller than the window {window} on both axes")
     scale = _scale(op, scale, q)

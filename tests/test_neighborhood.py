@@ -276,7 +276,7 @@ def test_bad_input_is_a_clear_error():
         call(q, q, q, (5, 6), 3, 2)
     with pytest.raises(ValueError, match=op + r"kernel_size \* dilation along the width \(7 \* 1\)"):
         call(q, q, q, (5, 6), (5, 7))
-    with pytest.raises(ValueError, match=op + r"spatial_shape \(5, 5\) holds 25 tokens, but q has 30"):
+    with pytest.raises(ValueError, match=op + r"spatial_shape \(5, 5\) has 25 cells but q has 30 tokens"):
         call(q, q, q, (5, 5), 3)
     with pytest.raises(ValueError, match=op + r"rel_pos_bias must be \[heads, 2\*kh - 1, 2\*kw - 1\] = \[2, 5, 1\], got \[2, 5, 5\]"):
         call(q, q, q, (5, 6), (3, 1), rel_pos_bias=rpb)
@@ -290,11 +290,11 @@ def test_bad_input_is_a_clear_error():
         call(q, q, q, (5, 6), 3, rel_pos_bias=rpb.long())
     with pytest.raises(ValueError, match=op + r"k must have q's shape"):
         call(q, q[:, :1], q, (5, 6), 3)
-    with pytest.raises(ValueError, match=op + r"v must be \[B, heads, H\*W, Dv\]"):
+    with pytest.raises(ValueError, match=op + r"v must be \[B, heads, H \* W, Dv\]"):
         call(q, q, q[:, :, :29], (5, 6), 3)
     with pytest.raises(ValueError, match=op + r"q must be 4-D"):
         call(q[0], q, q, (5, 6), 3)
-    with pytest.raises(TypeError, match=op + r"v must be a floating tensor"):
+    with pytest.raises(TypeError, match=op + r"v must be float32, float64, float16 or bfloat16"):
         call(q, q, q.long(), (5, 6), 3)
     with pytest.raises(RuntimeError, match=op + r"backend='cuda' is not available"):
         call(q, q, q, (5, 6), 3, backend="cuda")

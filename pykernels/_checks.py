@@ -1,0 +1,53 @@
+"""Argument checks shared by the public attention-family functions; messages name the op and the argument."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_qkv_tensors(op: str, q, k, v, tokens: str) -> None:
+    """q, k, v are 4-D ``[B, heads, <tokens>, head_dim]`` float tensors of one dtype on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D [B, heads, {tokens}, head_dim], got {list(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}, q has {q.dtype}")
+
+
+def int_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or an ``(h, w)`` pair of ints, each at least ``minimum``."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in pair):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_grid_qkv(op: str, q, k, v, spatial_shape) -> tuple[int, int]:
+    """q, k ``[B, heads, H * W, D]`` and v ``[B, heads, H * W, Dv]`` on the grid ``spatial_shape``."""
+    check_qkv_tensors(op, q, k, v, "H * W")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, heads, H * W, Dv] with q's {list(q.shape[:3])}, got {list(v.shape)}")
+    if q.size(3) == 0:
+        raise ValueError(f"{op}: the head dim must be positive")
+    spatial = int_pair(op, "spatial_shape", spatial_shape, 1)
+    if spatial[0] * spatial[1] != q.size(2):
+        raise ValueError(f"{op}: spatial_shape {spatial} has {spatial[0] * spatial[1]} cells but q has "
+                         f"{q.size(2)} tokens")
+    return spatial
