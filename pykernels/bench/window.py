@@ -54,29 +54,31 @@ _data = LazyData()
 
 
 def timm_pipeline(q, k, v, size, window, shift, bias_table):
-    """timm's SwinTransformerBlock around its WindowAttention, on q, k, v: roll, pad, partition, relative
-    position bias + shift mask as one float mask, SDPA per window, reverse, crop, roll back."""
+    """timm's SwinTransformerBlock around its fused WindowAttention, on q, k, v: roll, pad, partition into
+    ``[B * windows, heads, n, D]``, relative position bias + shift mask expanded to one float mask per window
+    and head (as timm builds it), SDPA, reverse, crop, roll back."""
     b, heads, _, d = q.shape
     h, w = size
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    win = (window, window)
+    win, n = (window, window), window * window
+    count = (hp // window) * (wp // window)
 
     def windows(x):
         x = x.reshape(b, heads, h, w, d)
         if shift:
             x = torch.roll(x, (-shift, -shift), dims=(2, 3))
         x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-        x = x.reshape(b, heads, hp // window, window, wp // window, window, d).transpose(3, 4)
-        return x.reshape(b, heads, -1, window * window, d)
+        x = x.reshape(b, heads, hp // window, window, wp // window, window, d).permute(0, 2, 4, 1, 3, 5, 6)
+        return x.reshape(b * count, heads, n, d)
 
-    mask = wref.table_to_dense(bias_table, win)[:, None]  # [heads, 1, n, n]
+    mask = wref.table_to_dense(bias_table, win).unsqueeze(0)  # [1, heads, n, n]
     if shift:
         regions = wref.shift_regions((hp, wp), win, (shift, shift)).to(q.device)
-        labels = regions.reshape(hp // window, window, wp // window, window).transpose(1, 2)
-        labels = labels.reshape(-1, window * window)
-        mask = mask + (labels[:, None, :] != labels[:, :, None]).to(q.dtype) * wref.SHIFT_MASK_VALUE
+        labels = regions.reshape(hp // window, window, wp // window, window).transpose(1, 2).reshape(count, n)
+        region_mask = (labels[:, None, :] != labels[:, :, None]).to(q.dtype) * wref.SHIFT_MASK_VALUE
+        mask = (mask.unsqueeze(0) + region_mask[None, :, None]).expand(b, count, heads, n, n).reshape(-1, heads, n, n)
     out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=mask)
-    out = out.reshape(b, heads, hp // window, wp // window, window, window, d).transpose(3, 4)
+    out = out.reshape(b, hp // window, wp // window, heads, window, window, d).permute(0, 3, 1, 4, 2, 5, 6)
     out = out.reshape(b, heads, hp, wp, d)[:, :, :h, :w]
     if shift:
         out = torch.roll(out, (shift, shift), dims=(2, 3))
@@ -84,8 +86,8 @@ def timm_pipeline(q, k, v, size, window, shift, bias_table):
 
 
 def hidiffusion_pipeline(q, k, v, size, shift):
-    """HiDiffusion's MSW-MSA sequence with SDPA as the attention: roll, partition into 2 x 2 windows, SDPA,
-    reverse, roll back (even maps)."""
+    """HiDiffusion's MSW-MSA sequence with SDPA as its attention: roll, partition into 2 x 2 windows
+    ``[4 B, heads, n, D]`` (what its attn1 receives), SDPA, reverse, roll back (even maps)."""
     b, heads, _, d = q.shape
     h, w = size
     wh, ww = h // 2, w // 2
@@ -94,10 +96,11 @@ def hidiffusion_pipeline(q, k, v, size, shift):
         x = x.reshape(b, heads, h, w, d)
         if shift[0]:
             x = torch.roll(x, (-shift[0], -shift[1]), dims=(2, 3))
-        return x.reshape(b, heads, 2, wh, 2, ww, d).transpose(3, 4).reshape(b, heads, 4, wh * ww, d)
+        x = x.reshape(b, heads, 2, wh, 2, ww, d).permute(0, 2, 4, 1, 3, 5, 6)
+        return x.reshape(b * 4, heads, wh * ww, d)
 
     out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v))
-    out = out.reshape(b, heads, 2, 2, wh, ww, d).transpose(3, 4).reshape(b, heads, h, w, d)
+    out = out.reshape(b, 2, 2, heads, wh, ww, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, heads, h, w, d)
     if shift[0]:
         out = torch.roll(out, shift, dims=(2, 3))
     return out.reshape(b, heads, h * w, d)
