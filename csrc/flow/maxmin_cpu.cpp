@@ -61,29 +61,47 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::Scala
 // --------------------------------------------------------------------------------------------- operands
 
 // b in the accumulation type, [slices][k][ldb], ldb a multiple of every vector width, padded with -inf;
-// a broadcast batch (stride 0) is packed once.
+// a broadcast batch (stride 0) is packed once. When each batch slice is read by a single task (per_task),
+// that task packs it itself, so the slice goes from the input straight to its cache.
 template <typename T, typename A>
 struct PackedB {
+  const T* src;
+  int64_t s0, s1, s2, k, n;
   at::Tensor buffer;
   int64_t ldb, slice;  // slice: elements between batches, 0 when broadcast
-  bool has_nan = false;
-  const A* row(int64_t bi, int64_t k) const { return buffer.data_ptr<A>() + bi * slice + k * ldb; }
+  bool per_task, has_nan = false;
 
-  PackedB(const at::Tensor& b, const ProductDims& d) : ldb(cpu::round_up_lanes(std::max<int64_t>(d.n, 1), 16)) {
+  const A* row(int64_t bi, int64_t kk) const { return buffer.data_ptr<A>() + bi * slice + kk * ldb; }
+
+  // Rows [k0, k1) of batch slice bi into dst (row-major, ldb); true if any value is NaN.
+  bool pack(int64_t bi, int64_t k0, int64_t k1, A* dst) const {
+    bool seen = false;
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const T* x = src + bi * s0 + kk * s1;
+      A* y = dst + (kk - k0) * ldb;
+      for (int64_t j = 0; j < n; ++j) y[j] = cpu::to_acc(x[j * s2]), seen |= y[j] != y[j];
+      std::fill(y + n, y + ldb, A(-INFINITY));
+    }
+    return seen;
+  }
+
+  PackedB(const at::Tensor& b, const ProductDims& d, bool one_task_per_batch)
+      : src(b.data_ptr<T>()), s0(b.stride(0)), s1(b.stride(1)), s2(b.stride(2)), k(d.k), n(d.n),
+        ldb(cpu::round_up_lanes(std::max<int64_t>(d.n, 1), 16)),
+        per_task(one_task_per_batch && b.stride(0) != 0 && d.batch > 1) {
+    if (per_task) return;
     const int64_t slices = (b.stride(0) == 0 || d.batch <= 1) ? 1 : d.batch;
     slice = slices == 1 ? 0 : d.k * ldb;
     buffer = at::empty({slices, d.k, ldb}, b.options().dtype(c10::CppTypeToScalarType<A>::value));
-    const T* src = b.data_ptr<T>();
     A* dst = buffer.data_ptr<A>();
-    const int64_t s0 = b.stride(0), s1 = b.stride(1), s2 = b.stride(2);
     std::atomic<bool> nan{false};
     at::parallel_for(0, slices * d.k, grain_for(slices * d.k, ldb), [&](int64_t begin, int64_t end) {
       bool seen = false;
-      for (int64_t row = begin; row < end; ++row) {
-        const T* x = src + (row / d.k) * s0 + (row % d.k) * s1;
-        A* y = dst + row * ldb;
-        for (int64_t j = 0; j < d.n; ++j) y[j] = cpu::to_acc(x[j * s2]), seen |= y[j] != y[j];
-        std::fill(y + d.n, y + ldb, A(-INFINITY));
+      // Chunks may start and end inside a slice: pack them slice by slice.
+      for (int64_t row = begin; row < end;) {
+        const int64_t bi = row / d.k, stop = std::min(end, (bi + 1) * d.k);
+        seen |= pack(bi, row % d.k, row % d.k + (stop - row), dst + row * ldb);
+        row = stop;
       }
       if (seen) nan = true;
     });
@@ -225,7 +243,7 @@ struct ForwardTask {
   T* hard;          // soft only
   A* sum;           // soft only
   int32_t* argk;    // hard only
-  std::atomic<bool>* a_has_nan;  // hard only
+  std::atomic<bool>* saw_nan;  // hard only: packing met a NaN in a or b
 
   template <int kBytes>
   __attribute__((always_inline)) void run(int64_t task) const {
@@ -234,19 +252,26 @@ struct ForwardTask {
     constexpr int NV = (kBytes == 64 && !kSoft) ? 2 : 1;
     const int64_t bi = task / row_blocks, i0 = task % row_blocks * kRowBlock;
     const int64_t rows = std::min(kRowBlock, d.m - i0), ldo = b.ldb;
-    thread_local std::vector<A> a_rows, best, total;
+    thread_local std::vector<A> a_rows, b_rows, best, total;
     thread_local std::vector<typename W::Idx> which;
-    if (pack_rows(a, bi, i0, rows, d.k, a_rows) && !kSoft) *a_has_nan = true;
+    bool nan = pack_rows(a, bi, i0, rows, d.k, a_rows);
+    const A* b_panel = b.per_task ? nullptr : b.row(bi, 0);
+    if (b.per_task) {
+      b_rows.resize(d.k * b.ldb);
+      nan |= b.pack(bi, 0, d.k, b_rows.data());
+      b_panel = b_rows.data();
+    }
+    if (nan && !kSoft) *saw_nan = true;
     best.resize(rows * ldo);
     total.resize(kSoft ? rows * ldo : 0);
     which.resize(kSoft ? 0 : rows * ldo);
     const A inv_t = kSoft ? A(1) / temperature : A(0);
     int64_t j = 0;
     for (; j + NV * W::L <= ldo; j += NV * W::L)
-      forward_panel<kRows, NV, kBytes, !kSoft, kSoft>(rows, d.k, a_rows.data(), b.row(bi, 0) + j, b.ldb, inv_t,
+      forward_panel<kRows, NV, kBytes, !kSoft, kSoft>(rows, d.k, a_rows.data(), b_panel + j, b.ldb, inv_t,
                                                       best.data() + j, total.data() + j, which.data() + j, ldo);
     for (; j < ldo; j += W::L)
-      forward_panel<kRows, 1, kBytes, !kSoft, kSoft>(rows, d.k, a_rows.data(), b.row(bi, 0) + j, b.ldb, inv_t,
+      forward_panel<kRows, 1, kBytes, !kSoft, kSoft>(rows, d.k, a_rows.data(), b_panel + j, b.ldb, inv_t,
                                                      best.data() + j, total.data() + j, which.data() + j, ldo);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = (bi * d.m + i0 + r) * d.n;
@@ -327,14 +352,14 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_cpu(const at::Tensor& a, const 
   if (out.numel() == 0) return {out, argk};
   PK_DISPATCH_FLOATS(a.scalar_type(), "maxmin_matmul", [&] {
     using A = cpu::acc_t<scalar_t>;
-    const PackedB<scalar_t, A> packed(b, d);
     const int64_t row_blocks = (d.m + kRowBlock - 1) / kRowBlock;
-    std::atomic<bool> a_has_nan{false};
+    const PackedB<scalar_t, A> packed(b, d, row_blocks == 1);
+    std::atomic<bool> saw_nan{false};
     const ForwardTask<scalar_t, A, false> task{StridedA<scalar_t>(a), packed, d, row_blocks, A(0),
                                                out.data_ptr<scalar_t>(), nullptr, nullptr, argk.data_ptr<int32_t>(),
-                                               &a_has_nan};
+                                               &saw_nan};
     parallel_tasks(task, d.batch * row_blocks, kRowBlock * packed.ldb * d.k);
-    if (a_has_nan || packed.has_nan) propagate_nan(a, b, d, out.data_ptr<scalar_t>(), argk.data_ptr<int32_t>());
+    if (saw_nan || packed.has_nan) propagate_nan(a, b, d, out.data_ptr<scalar_t>(), argk.data_ptr<int32_t>());
   });
   return {out, argk};
 }
@@ -352,8 +377,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_maxmin_matmul_cpu(const at::
   if (out.numel() == 0) return {out, hard, sum};
   PK_DISPATCH_FLOATS(a.scalar_type(), "maxmin_matmul", [&] {
     using A = cpu::acc_t<scalar_t>;
-    const PackedB<scalar_t, A> packed(b, d);
     const int64_t row_blocks = (d.m + kRowBlock - 1) / kRowBlock;
+    const PackedB<scalar_t, A> packed(b, d, row_blocks == 1);
     const ForwardTask<scalar_t, A, true> task{StridedA<scalar_t>(a), packed, d, row_blocks, A(temperature),
                                               out.data_ptr<scalar_t>(), hard.data_ptr<scalar_t>(),
                                               sum.data_ptr<A>(), nullptr, nullptr};
@@ -559,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> soft_maxmin_matmul_backward_cpu(const at::Ten
   const at::Tensor hard = hard_in.contiguous(), sum = sum_in.contiguous(), grad = grad_in.contiguous();
   PK_DISPATCH_FLOATS(a.scalar_type(), "maxmin_matmul", [&] {
     using A = cpu::acc_t<scalar_t>;
-    const PackedB<scalar_t, A> packed(b, d);
+    const PackedB<scalar_t, A> packed(b, d, false);
     const SoftFactors<scalar_t, A> factors(hard, sum, grad, d, packed.ldb);
     const A inv_t = A(1) / A(temperature);
     const int64_t exp_cost = sizeof(A) == 8 ? 64 : 8;
