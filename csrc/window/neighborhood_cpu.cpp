@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "attention/flash_cpu.h"
 #include "common/cpu_vec.h"
 #include "common/online_softmax.h"
 #include "window/neighborhood.h"
@@ -38,15 +39,7 @@ constexpr int64_t kStrip = 4;
 // Keys per key-pass strip: one score row is then a whole number of vectors for float and double.
 constexpr int64_t kKeyStrip = 16;
 
-// Token row [b, h, token, :] of a [B, heads, tokens, D] tensor with a contiguous last dimension.
-template <typename P>
-struct Rows {
-  P* data;
-  int64_t s0, s1, s2;
-  explicit Rows(const at::Tensor& t)
-      : data(static_cast<P*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
-  P* operator()(int64_t b, int64_t h, int64_t token) const { return data + b * s0 + h * s1 + token * s2; }
-};
+using flash::Rows;
 
 // Block sizes and packed layouts of one call, for accumulation type A.
 struct Plan {
