@@ -51,3 +51,19 @@ def check_grid_qkv(op: str, q, k, v, spatial_shape) -> tuple[int, int]:
         raise ValueError(f"{op}: spatial_shape {spatial} has {spatial[0] * spatial[1]} cells but q has "
                          f"{q.size(2)} tokens")
     return spatial
+
+
+def check_param_tensor(op: str, name: str, t, q) -> torch.Tensor:
+    """A float tensor argument on q's device, returned in q's dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+    return t.to(q.dtype)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (what the engines read), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _attention_ops, _backend  # noqa: F401  (_attention_ops registers fake kernels and autograd)
-from ._checks import check_qkv_tensors
+from ._checks import check_qkv_tensors, last_dim_contiguous
 from .reference import attention as ref
 
 __all__ = ["fused_attention"]
@@ -56,10 +56,6 @@ def _bias_from(attn_bias, q, k):
     return attn_bias.expand(full)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()
-
-
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_bias: torch.Tensor | None = None,
                     causal: bool = False, scale: float | None = None, return_attn_mean: bool = False,
                     backend: str = "auto"):
@@ -82,7 +78,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_b
     engine = _backend.select(_OP, backend, q.device)
     if engine == "reference":
         return ref.attention(q, k, v, bias, causal, scale, return_attn_mean)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     ns = getattr(torch.ops, _NAMESPACE[engine])
     out, lse = ns.attention(q, k, v, bias, bool(causal), float(scale))
     if not return_attn_mean:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _neighborhood_ops  # noqa: F401  (_neighborhood_ops registers fake kernels and autograd)
-from ._checks import check_grid_qkv, int_pair
+from ._checks import check_grid_qkv, check_param_tensor, int_pair, last_dim_contiguous
 from .reference import neighborhood as ref
 
 __all__ = ["neighborhood_attention_2d"]
@@ -28,21 +28,12 @@ def _check_geometry(spatial_shape, kernel_size, dilation):
 def _check_rpb(rpb, q, kernel_size):
     if rpb is None:
         return None
-    if not isinstance(rpb, torch.Tensor):
-        raise TypeError(f"{_OP}: rel_pos_bias must be a tensor, got {type(rpb).__name__}")
-    if not rpb.is_floating_point():
-        raise TypeError(f"{_OP}: rel_pos_bias must be a floating tensor, got {rpb.dtype}")
-    if rpb.device != q.device:
-        raise ValueError(f"{_OP}: rel_pos_bias is on {rpb.device}, q on {q.device}")
+    rpb = check_param_tensor(_OP, "rel_pos_bias", rpb, q)
     expected = [q.size(1), 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1]
     if list(rpb.shape) != expected:
         raise ValueError(f"{_OP}: rel_pos_bias must be [heads, 2*kh - 1, 2*kw - 1] = {expected}, "
                          f"got {list(rpb.shape)}")
-    return rpb.to(q.dtype)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()
+    return rpb
 
 
 def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, kernel_size,
@@ -68,7 +59,7 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     engine = _backend.select(_OP, backend, q.device)
     if engine == "reference":
         return ref.neighborhood_attention_2d(q, k, v, spatial, kernel, dil, rpb, scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     ns = getattr(torch.ops, _NAMESPACE[engine])
     out, _ = ns.neighborhood_attention_2d(q, k, v, list(spatial), list(kernel), list(dil), rpb, float(scale))
     return out

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _window_ops  # noqa: F401  (_window_ops registers fake kernels and autograd)
-from ._checks import check_grid_qkv, int_pair
-from .attention import _last_dim_contiguous
+from ._checks import check_grid_qkv, check_param_tensor, int_pair, last_dim_contiguous
 from .reference import window as ref
 
 __all__ = ["msw_msa", "msw_msa_shift", "swin_window_shift", "window_attention"]
@@ -37,21 +36,11 @@ def swin_window_shift(spatial_shape, window_size, shift_size=0) -> tuple[tuple[i
     return clamped, tuple(0 if r <= w else s for r, w, s in zip(spatial, window, shift))
 
 
-def _param(op: str, name: str, t, q) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
-    return t.to(q.dtype)
-
-
 def _split_bias(op: str, rel_pos_bias, q, requested, window):
     """``(bias_table, dense_bias)`` from a table ``[(2wh-1)(2ww-1), heads]`` or a dense ``[heads, n, n]``."""
     if rel_pos_bias is None:
         return None, None
-    bias = _param(op, "rel_pos_bias", rel_pos_bias, q)
+    bias = check_param_tensor(op, "rel_pos_bias", rel_pos_bias, q)
     heads, n = q.size(1), window[0] * window[1]
     rows = (2 * window[0] - 1) * (2 * window[1] - 1)
     if bias.dim() == 2:
@@ -77,7 +66,7 @@ def _pad_kv(op: str, pad_kv, q, v):
     if isinstance(pad_kv, torch.Tensor) and pad_kv.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: pad_kv receives no gradient; pass pad_kv.detach() (pad tokens' keys and values "
                          "are constants of the op)")
-    pad_kv = _param(op, "pad_kv", pad_kv, q)
+    pad_kv = check_param_tensor(op, "pad_kv", pad_kv, q)
     if v.size(3) != q.size(3):
         raise ValueError(f"{op}: pad_kv needs v's head dim ({v.size(3)}) equal to q's ({q.size(3)})")
     if pad_kv.shape != (2, q.size(1), q.size(3)):
@@ -128,7 +117,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
     engine = _backend.select(op, backend, q.device)
     if engine == "reference":
         return ref.window_attention(q, k, v, spatial, window, shift, bias_table, dense_bias, pad, shift_mask, scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     ns = getattr(torch.ops, _NAMESPACE[engine])
     out, _ = ns.window_attention(q, k, v, list(spatial), list(window), list(shift), bias_table, dense_bias, pad,
                                  shift_mask, scale)

@@ -2,19 +2,14 @@
 window-attention kernels: the feature map is never rolled, padded, partitioned or reversed."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
+from .._checks import int_pair
 from ..reference.window import relative_position_index
 from ..window import msw_msa, swin_window_shift, window_attention
 
 __all__ = ["MSWMSA", "SwinBlock", "WindowAttention"]
-
-
-def _pair(value) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, numbers.Integral) else tuple(int(v) for v in value)
 
 
 def _qkv_heads(qkv: nn.Linear, x: torch.Tensor, heads: int, head_dim: int):
@@ -41,7 +36,7 @@ class WindowAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.dim = dim
-        self.window_size = _pair(window_size)
+        self.window_size = int_pair("pykernels.nn.WindowAttention", "window_size", window_size, 1)
         self.window_area = self.window_size[0] * self.window_size[1]
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
@@ -125,7 +120,8 @@ class SwinBlock(nn.Module):
         self.input_resolution = input_resolution
         if input_resolution is not None:
             window_size, shift_size = swin_window_shift(input_resolution, window_size, shift_size)
-        self.window_size, self.shift_size = _pair(window_size), _pair(shift_size)
+        self.window_size = int_pair("pykernels.nn.SwinBlock", "window_size", window_size, 1)
+        self.shift_size = int_pair("pykernels.nn.SwinBlock", "shift_size", shift_size, 0)
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop)
         self.drop_path1 = _DropPath(drop_path)
