@@ -154,22 +154,34 @@ class MSWMSAProcessor:
         return _run_attention(attn, hidden_states, None, None, temb, attend)
 
 
-class MSWMSAHandle:
-    """What :func:`apply_msw_msa` returns; :meth:`remove` (or leaving a ``with`` block) restores the model."""
+class _InstalledProcessors:
+    """Processors put on attention modules (and forward hooks) by one call; :meth:`remove`, or leaving a
+    ``with`` block, puts the previous processors back and detaches the hooks."""
 
-    def __init__(self, installed, hook):
-        self.installed, self._hook = installed, hook
+    def __init__(self, restore: list[tuple[torch.nn.Module, object]], hooks: list):
+        self._restore, self._hooks = restore, hooks
 
     def remove(self) -> None:
-        for module, previous, _ in self.installed.values():
+        for module, previous in self._restore:
             module.set_processor(previous)
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._restore, self._hooks = [], []
 
-    def __enter__(self) -> MSWMSAHandle:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class MSWMSAHandle(_InstalledProcessors):
+    """What :func:`apply_msw_msa` returns; :meth:`remove` (or leaving a ``with`` block) restores the model.
+    ``installed[block]`` is ``(attn1 module, previous processor, MSWMSAProcessor)``."""
+
+    def __init__(self, installed, hook):
+        super().__init__([(module, previous) for module, previous, _ in installed.values()], [hook])
+        self.installed = installed
 
 
 def apply_msw_msa(unet: torch.nn.Module, model_type: str = "sd15", generator: torch.Generator | None = None,
@@ -201,13 +213,14 @@ def apply_msw_msa(unet: torch.nn.Module, model_type: str = "sd15", generator: to
     return MSWMSAHandle(installed, unet.register_forward_pre_hook(record_size, with_kwargs=True))
 
 
-class AttentionMapRecorder:
+class AttentionMapRecorder(_InstalledProcessors):
     """What :func:`record_attention_maps` returns: ``maps[name]`` lists one ``[B, Nq, Nk]`` map per call.
 
     Use as a context manager, or call :meth:`remove`, to put the previous processors back.
     """
 
     def __init__(self, installed: dict[str, tuple[torch.nn.Module, object, FusedAttnProcessor]]):
+        super().__init__([(module, previous) for module, previous, _ in installed.values()], [])
         self._installed = installed
 
     @property
@@ -218,15 +231,6 @@ class AttentionMapRecorder:
         for _, _, proc in self._installed.values():
             proc.maps.clear()
 
-    def remove(self) -> None:
-        for module, previous, _ in self._installed.values():
-            module.set_processor(previous)
-
-    def __enter__(self) -> AttentionMapRecorder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def record_attention_maps(model: torch.nn.Module, layers: Iterable[str] | Callable[[str], bool] | None = None,
@@ -297,7 +301,7 @@ def _vico_smoothing(maps: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.conv3d(padded, kernel).squeeze(1)
 
 
-class AttentionFlowTracker:
+class AttentionFlowTracker(_InstalledProcessors):
     """Vico's ST-Flow of chosen text tokens in a video UNet, and its flow-equalisation loss, differentiably.
 
     Installs recording :class:`FusedAttnProcessor` s on the spatial cross-attention (``<block>.attentions.<i>``)
@@ -388,7 +392,7 @@ class AttentionFlowTracker:
             pairs = {p: v for p, v in pairs.items() if any(p == b or p.startswith(b + ".") for b in blocks)}
 
         self._sizes: dict[str, tuple[int, int]] = {}
-        self._restore: list[tuple[torch.nn.Module, object]] = []
+        super().__init__([], [])
         self._pairs: dict[str, tuple[list[FusedAttnProcessor], list[FusedAttnProcessor]]] = {}
         for pair, (spatial, cross, temporal_layers) in pairs.items():
             installed = []
@@ -399,8 +403,8 @@ class AttentionFlowTracker:
             self._pairs[pair] = (installed[:len(cross)], installed[len(cross):])
         # The spatial size is read where the 4-D input enters each spatial transformer: the attention layers
         # only see H*W tokens, and the latent size alone does not give it for odd sizes.
-        self._hooks = [spatial.register_forward_pre_hook(self._size_hook(pair), with_kwargs=True)
-                       for pair, (spatial, _, _) in pairs.items()]
+        self._hooks += [spatial.register_forward_pre_hook(self._size_hook(pair), with_kwargs=True)
+                        for pair, (spatial, _, _) in pairs.items()]
         self._hooks.append(unet.register_forward_pre_hook(lambda module, args: self.clear()))
 
     def _size_hook(self, pair: str):
@@ -517,16 +521,6 @@ class AttentionFlowTracker:
         return (latents.detach() - lr * grad).requires_grad_()
 
     def remove(self) -> None:
-        """Puts the previous processors back and detaches the hooks."""
-        for module, previous in self._restore:
-            module.set_processor(previous)
-        for hook in self._hooks:
-            hook.remove()
-        self._restore, self._hooks = [], []
+        """Puts the previous processors back, detaches the hooks and drops the recorded maps."""
+        super().remove()
         self.clear()
-
-    def __enter__(self) -> AttentionFlowTracker:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
