@@ -14,12 +14,12 @@
 
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_vec.h"
 #include "flow/maxmin.h"
+#include "flow/maxmin_checks.h"
 
 namespace pk {
 namespace {
@@ -27,36 +27,6 @@ namespace {
 constexpr int64_t kRowBlock = 16;   // rows of a per task
 constexpr int64_t kColBlock = 64;   // columns of b per grad_b task
 constexpr int kRows = 4;            // rows per register tile
-
-struct ProductDims {
-  int64_t batch, m, k, n;
-};
-
-ProductDims check_product(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  for (const auto* t : {&a, &b}) {
-    const char* name = t == &a ? "a" : "b";
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-    PK_CHECK_DIM(op, name, *t, 3);
-  }
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": a is ", a.scalar_type(), " but b is ", b.scalar_type());
-  PK_CHECK_SAME_DEVICE(op, "b", b, a);
-  TORCH_CHECK(a.size(0) == b.size(0), op, ": a and b must have the same batch size, got ", a.sizes(), " and ",
-              b.sizes());
-  TORCH_CHECK(a.size(2) == b.size(1), op, ": inner sizes differ: a ", a.sizes(), ", b ", b.sizes());
-  TORCH_CHECK(a.size(2) >= 1, op, ": the inner size k must be at least 1");
-  TORCH_CHECK(a.size(2) <= std::numeric_limits<int32_t>::max(), op, ": the inner size k must fit in int32");
-  return {a.size(0), a.size(1), a.size(2), b.size(2)};
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
-                const ProductDims& d, const at::Tensor& a) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  PK_CHECK_SAME_DEVICE(op, name, t, a);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef({d.batch, d.m, d.n}), op, ": ", name, " must have shape [", d.batch,
-              ", ", d.m, ", ", d.n, "], got ", t.sizes());
-}
 
 // --------------------------------------------------------------------------------------------- operands
 
@@ -368,9 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_maxmin_matmul_cpu(const at::
                                                                       double temperature) {
   const char* op = "pykernels.soft_maxmin_matmul";
   const ProductDims d = check_product(op, a, b);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
-              temperature);
-  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_temperature(op, temperature);
+  const auto acc_dtype = product_acc_dtype(a.scalar_type());
   at::Tensor out = at::empty({d.batch, d.m, d.n}, a.options());
   at::Tensor hard = at::empty({d.batch, d.m, d.n}, a.options());
   at::Tensor sum = at::empty({d.batch, d.m, d.n}, a.options().dtype(acc_dtype));
@@ -572,9 +541,8 @@ std::tuple<at::Tensor, at::Tensor> soft_maxmin_matmul_backward_cpu(const at::Ten
                                                                    bool a_grad, bool b_grad) {
   const char* op = "pykernels.soft_maxmin_matmul_backward";
   const ProductDims d = check_product(op, a, b);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
-              temperature);
-  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_temperature(op, temperature);
+  const auto acc_dtype = product_acc_dtype(a.scalar_type());
   check_like(op, "hard", hard_in, a.scalar_type(), d, a);
   check_like(op, "sum", sum_in, acc_dtype, d, a);
   check_like(op, "grad_out", grad_in, a.scalar_type(), d, a);
