@@ -160,6 +160,39 @@ def test_results_are_deterministic(device, engine):
     assert all(torch.equal(a, b) for a, b in zip(first, run()))
 
 
+def _run_with_grads(q, k, v, bias, causal=False, backend="cpu"):
+    out, mean = pk.fused_attention(q, k, v, attn_bias=bias, causal=causal, return_attn_mean=True, backend=backend)
+    leaves = [x for x in (q, k, v, bias) if x is not None]
+    return (out, mean) + torch.autograd.grad((out.square().sum(), mean.square().sum()), leaves)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_results_do_not_depend_on_the_thread_count(causal):
+    # One (batch, kv head) pair: one thread runs the one-pass backward, two threads the two-pass one; the
+    # two schemes must agree to the bit.
+    q, k, v, bias = _inputs((1, 4, 1, 70, 130, 16, 16), torch.float32, "cpu", bias="full")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_with_grads(q, k, v, bias, causal)
+        torch.set_num_threads(2)
+        two = _run_with_grads(q, k, v, bias, causal)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@pytest.mark.parametrize("nk", [70, 9000])
+def test_cpu_long_key_ranges(nk):
+    # 9000 keys of D = 64 are too many for per-thread k/v panels: the engine packs them once for all threads.
+    q, k, v, bias = _inputs((1, 2, 1, 5, nk, 64, 64), torch.float32, "cpu", bias="broadcast")
+    got = _run_with_grads(q, k, v, bias)
+    exp_out, exp_mean, leaves64 = _reference(q, k, v, bias, False)
+    want = (exp_out, exp_mean) + torch.autograd.grad((exp_out.square().sum(), exp_mean.square().sum()), leaves64)
+    for name, a, b in zip(["out", "map", "dq", "dk", "dv", "dbias"], got, want):
+        assert_close(a, b, torch.float32, scale=16, msg=name)
+
+
 # ----------------------------------------------------------------------------------- opcheck / gradcheck
 
 NAMESPACES = ["pykernels"] + (["pykernels_triton"] if "triton" in engines_for("cpu") else [])

@@ -1,19 +1,24 @@
 // Dense attention on the CPU, FlashAttention-style: work is cut into tiles of kBlockQ queries x at most
 // kMaxBlockK keys, so no [Nq, Nk] matrix exists except the bias gradient when one is asked for.
 //
-// k and v are packed once per call into the accumulation type, in the layouts the tile products read
-// (row-major, and transposed per key block), padded to whole vectors; each task packs its own query block
-// the same way. Every tile product is then one cpu::gemm with its accumulators in registers.
+// k and v are packed into the accumulation type, in the layouts the tile products read (row-major, and
+// transposed per key block), padded to whole vectors; each task packs its own query block the same way.
+// Every tile product is then one cpu::gemm with its accumulators in registers. Heads whose packed k and v
+// are small are packed by the thread that uses them (KvSource), others once per call.
 //
 // Forward streams key blocks through an online softmax per query row. Backward and the head-mean map's
-// backward recompute the probabilities from the lse and run two atomic-free passes: one over query blocks
-// (dq and the bias gradient), one over key blocks (dk, dv), the second summing over the query heads that
-// share a key/value head. Both passes recompute P and dS with the same code, so they agree bitwise.
+// backward recompute the probabilities from the lse. When the (batch, kv head) pairs keep the threads busy,
+// one task per pair does the whole backward in one pass (five tile products per tile). Otherwise two
+// atomic-free passes share the work more finely: one over query blocks (dq and the bias gradient), one over
+// key blocks (dk, dv), the second summing over the query heads that share a key/value head; they recompute
+// P and dS with the same code, so they agree bitwise. Both schemes visit tiles in the same order and make
+// the same products, so the choice (which depends on the thread count) does not change a bit of the result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "attention/attention_checks.h"
@@ -96,41 +101,111 @@ void pack_block(const Rows<const T>& rows, int64_t b, int64_t h, int64_t i0, int
   }
 }
 
-// [b * heads + h][i][0:ld] = src[b, h, i, :], zero-padded: k or v in row-major layout.
+// dst[c][j] = rows(b, h, j0 + j)[c] for j < n, zero-padded to [cols][block]: one key block transposed.
 template <typename T, typename A>
-at::Tensor pack_rows(const at::Tensor& src, int64_t ld) {
-  const int64_t heads = src.size(1), n = src.size(2);
-  at::Tensor dst = acc_buffer<A>(src, {src.size(0) * heads, n, ld});
-  const Rows<const T> in(src);
-  A* out = dst.data_ptr<A>();
-  at::parallel_for(0, src.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh)
-      pack_block(in, bh / heads, bh % heads, 0, n, src.size(3), ld, A(1), out + bh * n * ld);
-  });
-  return dst;
+void pack_panel(const Rows<const T>& rows, int64_t b, int64_t h, int64_t j0, int64_t n, int64_t cols, int64_t block,
+                A* dst) {
+  std::fill(dst, dst + cols * block, A(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* x = rows(b, h, j0 + j);
+    for (int64_t c = 0; c < cols; ++c) dst[c * block + j] = cpu::to_acc(x[c]);
+  }
 }
 
-// [b * heads + h][blk][c][j] = src[b, h, blk * block + j, c], zero-padded to whole blocks: k or v
-// transposed, one [cols, block] panel per key block.
+// k and v of one (batch, kv head) in the layouts the tile products read; a layout not asked for is null.
+template <typename A>
+struct KvPanels {
+  const A* kt = nullptr;  // [k_blocks][dqk][bk]: k transposed per key block, for q k^T
+  const A* k = nullptr;   // [nk][dqk_pad]: k row-major, for dS k
+  const A* v = nullptr;   // [nk][dv_pad]: v row-major, for P v
+  const A* vt = nullptr;  // [k_blocks][dv][bk]: v transposed per key block, for dO v^T
+};
+
+enum KvLayout : unsigned { kKt = 1, kKRows = 2, kVRows = 4, kVt = 8 };
+
+// Where the KvPanels of every kv head come from: one buffer for all heads packed once per call, or a
+// buffer per thread that its tasks refill when they move to another head. The second skips a call-wide
+// buffer whose allocation and first touch cost more than the attention itself when heads are small (2560 x
+// 8 heads of 16 tokens); it is taken while one head's panels fit in kThreadPanelBytes, so that repacking a
+// head that two threads share stays cheap next to the tile products that read it.
 template <typename T, typename A>
-at::Tensor pack_cols(const at::Tensor& src, int64_t blocks, int64_t block) {
-  const int64_t heads = src.size(1), n = src.size(2), cols = src.size(3), total = src.size(0) * heads * blocks;
-  at::Tensor dst = acc_buffer<A>(src, {src.size(0) * heads, blocks, cols, block});
-  const Rows<const T> in(src);
-  A* out = dst.data_ptr<A>();
-  at::parallel_for(0, total, grain_for(total, cols * block), [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t bh = panel / blocks, j0 = panel % blocks * block, valid = std::min(block, n - j0);
-      A* y = out + panel * cols * block;
-      std::fill(y, y + cols * block, A(0));
-      for (int64_t j = 0; j < valid; ++j) {
-        const T* x = in(bh / heads, bh % heads, j0 + j);
-        for (int64_t c = 0; c < cols; ++c) y[c * block + j] = cpu::to_acc(x[c]);
+class KvSource {
+ public:
+  static constexpr int64_t kThreadPanelBytes = int64_t(4) << 20;
+
+  KvSource(const Plan& p, const at::Tensor& k, const at::Tensor& v, unsigned layouts)
+      : p_(p), k_(k), v_(v) {
+    kt_size_ = layouts & kKt ? p.k_blocks * p.d.dqk * p.bk : 0;
+    k_size_ = layouts & kKRows ? p.d.nk * p.dqk_pad : 0;
+    v_size_ = layouts & kVRows ? p.d.nk * p.dv_pad : 0;
+    vt_size_ = layouts & kVt ? p.k_blocks * p.d.dv * p.bk : 0;
+  }
+
+  int64_t head_size() const { return kt_size_ + k_size_ + v_size_ + vt_size_; }
+  bool fits_thread() const { return head_size() * int64_t(sizeof(A)) <= kThreadPanelBytes; }
+
+  // Packs every head once (on the first call), in parallel over (head, key block); shared() then serves
+  // them to any thread.
+  void pack_shared(const at::Tensor& like) {
+    if (shared_.defined()) return;
+    const int64_t heads = p_.d.batch * p_.d.kv_heads, items = heads * p_.k_blocks;
+    shared_ = acc_buffer<A>(like, {heads * head_size()});
+    A* base = shared_.data_ptr<A>();
+    at::parallel_for(0, items, grain_for(items, p_.bk * (p_.dqk_pad + p_.dv_pad)), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item)
+        pack_block_of(item / p_.k_blocks, item % p_.k_blocks, base + item / p_.k_blocks * head_size());
+    });
+  }
+
+  KvPanels<A> shared(int64_t bkv) const { return panels(shared_.data_ptr<A>() + bkv * head_size()); }
+
+  // One thread's panels, repacked whenever it asks for another head.
+  class Cursor {
+   public:
+    explicit Cursor(const KvSource& src) : src_(src), buffer_(src.head_size()) {}
+    const KvPanels<A>& at(int64_t bkv) {
+      if (bkv != packed_) {
+        for (int64_t kb = 0; kb < src_.p_.k_blocks; ++kb) src_.pack_block_of(bkv, kb, buffer_.data());
+        panels_ = src_.panels(buffer_.data());
+        packed_ = bkv;
       }
+      return panels_;
     }
-  });
-  return dst;
-}
+
+   private:
+    const KvSource& src_;
+    std::vector<A> buffer_;
+    KvPanels<A> panels_;
+    int64_t packed_ = -1;
+  };
+
+ private:
+  KvPanels<A> panels(const A* head) const {
+    KvPanels<A> out;
+    if (kt_size_) out.kt = head;
+    if (k_size_) out.k = head + kt_size_;
+    if (v_size_) out.v = head + kt_size_ + k_size_;
+    if (vt_size_) out.vt = head + kt_size_ + k_size_ + v_size_;
+    return out;
+  }
+
+  // Key block kb of every asked-for layout of kv row bkv, into that head's panels at head.
+  void pack_block_of(int64_t bkv, int64_t kb, A* head) const {
+    const int64_t b = bkv / p_.d.kv_heads, h = bkv % p_.d.kv_heads, j0 = kb * p_.bk;
+    const int64_t n = std::min(p_.bk, p_.d.nk - j0);
+    const Rows<const T> k(k_), v(v_);
+    if (kt_size_) pack_panel(k, b, h, j0, n, p_.d.dqk, p_.bk, head + kb * p_.d.dqk * p_.bk);
+    if (k_size_) pack_block(k, b, h, j0, n, p_.d.dqk, p_.dqk_pad, A(1), head + kt_size_ + j0 * p_.dqk_pad);
+    if (v_size_) pack_block(v, b, h, j0, n, p_.d.dv, p_.dv_pad, A(1), head + kt_size_ + k_size_ + j0 * p_.dv_pad);
+    if (vt_size_) pack_panel(v, b, h, j0, n, p_.d.dv, p_.bk, head + kt_size_ + k_size_ + v_size_ + kb * p_.d.dv * p_.bk);
+  }
+
+  const Plan& p_;
+  const at::Tensor& k_;
+  const at::Tensor& v_;
+  int64_t kt_size_, k_size_, v_size_, vt_size_;
+  at::Tensor shared_;
+};
 
 // Adds the bias to the first n scores of a row and masks the rest of its width.
 template <typename T, typename A>
@@ -144,8 +219,8 @@ void finish_scores(A* s, int64_t n, int64_t width, const T* bias, int64_t stride
 
 // s[r][0:width] = (scale q) k^T for tile t; q_block is the packed query block, row stride bk.
 template <typename A>
-void tile_scores(const Plan& p, const Tile& t, int64_t bkv, const A* q_block, const A* kt, A* s) {
-  const A* panel = kt + (bkv * p.k_blocks + t.k0 / p.bk) * p.d.dqk * p.bk;
+void tile_scores(const Plan& p, const Tile& t, const KvPanels<A>& kv, const A* q_block, A* s) {
+  const A* panel = kv.kt + t.k0 / p.bk * p.d.dqk * p.bk;
   cpu::gemm(t.rows, t.width, p.d.dqk, q_block, p.dqk_pad, 1, panel, p.bk, s, p.bk, false);
 }
 
@@ -163,34 +238,58 @@ void forward_tile(const Plan& p, const Tile& t, const Strided<T>& bias, int64_t 
   cpu::gemm(t.rows, p.dv_pad, t.cols, s, p.bk, 1, v_rows + t.k0 * p.dv_pad, p.dv_pad, acc, p.dv_pad, true);
 }
 
+// Runs body(task, panels, scratch) for tasks [0, tasks) in parallel, where panels(bkv) gives the task the
+// KvPanels of kv row bkv: from its thread's buffer when per_thread is asked and a head fits one (consecutive
+// tasks should then read the same head), else from a buffer packed for all. Each thread makes its scratch
+// once with make_scratch().
+template <typename T, typename A, typename MakeScratch, typename Body>
+void for_each_task(KvSource<T, A>& kv, const at::Tensor& like, int64_t tasks, bool per_thread,
+                   const MakeScratch& make_scratch, const Body& body) {
+  per_thread = per_thread && kv.fits_thread();
+  if (!per_thread) kv.pack_shared(like);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::optional<typename KvSource<T, A>::Cursor> cursor;
+    if (per_thread) cursor.emplace(kv);
+    const auto panels = [&](int64_t bkv) { return per_thread ? cursor->at(bkv) : kv.shared(bkv); };
+    auto scratch = make_scratch();
+    for (int64_t task = begin; task < end; ++task) body(task, panels, scratch);
+  });
+}
+
+// One forward task's buffers: its packed query block (times scale), a score tile, the output accumulator.
+template <typename A>
+struct ForwardScratch {
+  std::vector<A> q, s, acc;
+  std::vector<OnlineSoftmax<A>> state;
+  explicit ForwardScratch(const Plan& p)
+      : q(kBlockQ * p.dqk_pad), s(kBlockQ * p.bk), acc(kBlockQ * p.dv_pad), state(kBlockQ) {}
+};
+
 template <typename T, typename A>
 void forward_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& bias_t, A scale, const at::Tensor& out, const at::Tensor& lse) {
-  const at::Tensor kt = pack_cols<T, A>(k, p.k_blocks, p.bk), vp = pack_rows<T, A>(v, p.dv_pad);
+  KvSource<T, A> kv(p, k, v, kKt | kVRows);
   const Rows<const T> q_rows(q);
   const Rows<T> out_rows(out);
   const Strided<T> bias(bias_t);
   A* lse_data = lse.data_ptr<A>();
   const int64_t H = p.d.heads, tasks = p.d.batch * H * p.q_blocks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qs(kBlockQ * p.dqk_pad), s(kBlockQ * p.bk), acc(kBlockQ * p.dv_pad);
-    std::vector<OnlineSoftmax<A>> state(kBlockQ);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / p.q_blocks, b = bh / H, h = bh % H, qb = zigzag(task % p.q_blocks, p.q_blocks);
-      const Tile rows = p.tile(qb, 0);
-      pack_block(q_rows, b, h, rows.q0, rows.rows, p.d.dqk, p.dqk_pad, scale, qs.data());
-      std::fill(acc.begin(), acc.end(), A(0));
-      std::fill(state.begin(), state.end(), OnlineSoftmax<A>{});
-      const A* v_rows = vp.data_ptr<A>() + p.kv_row(b, h) * p.d.nk * p.dv_pad;
-      for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
-        const Tile t = p.tile(qb, kb);
-        tile_scores(p, t, p.kv_row(b, h), qs.data(), kt.data_ptr<A>(), s.data());
-        forward_tile(p, t, bias, b, h, s.data(), state.data(), acc.data(), v_rows);
-      }
-      for (int64_t r = 0; r < rows.rows; ++r) {
-        cpu::store(out_rows(b, h, rows.q0 + r), acc.data() + r * p.dv_pad, state[r].inv_sum(), p.d.dv);
-        lse_data[bh * p.d.nq + rows.q0 + r] = state[r].lse();
-      }
+  const auto make_scratch = [&] { return ForwardScratch<A>(p); };
+  for_each_task(kv, q, tasks, true, make_scratch, [&](int64_t task, const auto& kv_panels, ForwardScratch<A>& w) {
+    const int64_t bh = task / p.q_blocks, b = bh / H, h = bh % H, qb = zigzag(task % p.q_blocks, p.q_blocks);
+    const KvPanels<A> panels = kv_panels(p.kv_row(b, h));
+    const Tile rows = p.tile(qb, 0);
+    pack_block(q_rows, b, h, rows.q0, rows.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
+    std::fill(w.acc.begin(), w.acc.begin() + rows.rows * p.dv_pad, A(0));
+    std::fill(w.state.begin(), w.state.end(), OnlineSoftmax<A>{});
+    for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
+      const Tile t = p.tile(qb, kb);
+      tile_scores(p, t, panels, w.q.data(), w.s.data());
+      forward_tile(p, t, bias, b, h, w.s.data(), w.state.data(), w.acc.data(), panels.v);
+    }
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      cpu::store(out_rows(b, h, rows.q0 + r), w.acc.data() + r * p.dv_pad, w.state[r].inv_sum(), p.d.dv);
+      lse_data[bh * p.d.nq + rows.q0 + r] = w.state[r].lse();
     }
   });
 }
@@ -210,36 +309,33 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 
 // ----------------------------------------------------------------------------- probabilities from the lse
 
-// One task's buffers: its packed query block (times scale) and grad_out block, and two score tiles.
+// One task's buffers: its packed query block (times scale) and grad_out block, two score tiles, the
+// correction terms of its query rows, and its dq accumulator.
 template <typename A>
 struct Scratch {
-  std::vector<A> q, dout, s, x;
+  std::vector<A> q, dout, s, x, corr, dq;
   explicit Scratch(const Plan& p)
-      : q(kBlockQ * p.dqk_pad), dout(kBlockQ * p.dv_pad), s(kBlockQ * p.bk), x(kBlockQ * p.bk) {}
+      : q(kBlockQ * p.dqk_pad), dout(kBlockQ * p.dv_pad), s(kBlockQ * p.bk), x(kBlockQ * p.bk), corr(kBlockQ),
+        dq(kBlockQ * p.dqk_pad) {}
 };
 
-// What the map and both backward passes share: k packed both ways, the lse, and one correction term per
-// query row (dO . O for attention, sum_j P G / H for the map).
+// What the map and the backward passes share: the queries, the bias and the lse.
 template <typename T, typename A>
 struct Recompute {
   const Plan& p;
   Rows<const T> q;
   A scale;
   Strided<T> bias;
-  const A* kt;   // [B*Hkv][k_blocks][Dqk][bk]
-  const A* k;    // [B*Hkv][Nk][dqk_pad]
   const A* lse;  // [B*H][Nq]
-  A* corr;       // [B*H][Nq]
 
   void load_queries(int64_t b, int64_t h, const Tile& t, A* dst) const {
     pack_block(q, b, h, t.q0, t.rows, p.d.dqk, p.dqk_pad, scale, dst);
   }
-  const A* k_block(int64_t bkv, int64_t k0) const { return k + (bkv * p.d.nk + k0) * p.dqk_pad; }
 
   // s[r][0:width] = P of tile t for head h of batch b; row stride bk.
-  void probs(const Tile& t, int64_t b, int64_t h, const A* q_block, A* s) const {
+  void probs(const Tile& t, const KvPanels<A>& kv, int64_t b, int64_t h, const A* q_block, A* s) const {
     const int64_t bh = b * p.d.heads + h;
-    tile_scores(p, t, p.kv_row(b, h), q_block, kt, s);
+    tile_scores(p, t, kv, q_block, s);
     for (int64_t r = 0; r < t.rows; ++r) {
       A* sr = s + r * p.bk;
       const A m = lse[bh * p.d.nq + t.q0 + r];
@@ -252,18 +348,14 @@ struct Recompute {
     }
   }
 
-  // x = dS = P (x - corr), given x = dP.
-  void score_grads(const Tile& t, int64_t bh, const A* s, A* x) const {
-    for (int64_t r = 0; r < t.rows; ++r)
-      cpu::softmax_grad(x + r * p.bk, s + r * p.bk, corr[bh * p.d.nq + t.q0 + r], t.width);
-  }
-
-  // Scratch s = P and x = dS of tile t, the grad policy providing dP.
+  // Scratch s = P and x = dS = P (dP - corr) of tile t, the grad policy providing dP; corr holds the
+  // correction terms of the tile's query rows.
   template <typename Grad>
-  void tile_grads(const Grad& grad, const Tile& t, int64_t b, int64_t h, Scratch<A>& w) const {
-    probs(t, b, h, w.q.data(), w.s.data());
-    grad.fill(t, b, h, w, w.x.data());
-    score_grads(t, b * p.d.heads + h, w.s.data(), w.x.data());
+  void tile_grads(const Grad& grad, const Tile& t, const KvPanels<A>& kv, int64_t b, int64_t h, const A* corr,
+                  Scratch<A>& w) const {
+    probs(t, kv, b, h, w.q.data(), w.s.data());
+    grad.fill(t, kv, b, h, w, w.x.data());
+    for (int64_t r = 0; r < t.rows; ++r) cpu::softmax_grad(w.x.data() + r * p.bk, w.s.data() + r * p.bk, corr[r], t.width);
   }
 };
 
@@ -273,16 +365,16 @@ struct OutGrad {
   static constexpr bool kValues = true;
   const Plan& p;
   Rows<const T> dout, out;
-  const A* vt;  // [B*Hkv][k_blocks][Dv][bk]
 
   void load(int64_t b, int64_t h, const Tile& t, Scratch<A>& w) const {
     pack_block(dout, b, h, t.q0, t.rows, p.d.dv, p.dv_pad, A(1), w.dout.data());
   }
-  void fill(const Tile& t, int64_t b, int64_t h, const Scratch<A>& w, A* x) const {
-    const A* panel = vt + (p.kv_row(b, h) * p.k_blocks + t.k0 / p.bk) * p.d.dv * p.bk;
+  void fill(const Tile& t, const KvPanels<A>& kv, int64_t, int64_t, const Scratch<A>& w, A* x) const {
+    const A* panel = kv.vt + t.k0 / p.bk * p.d.dv * p.bk;
     cpu::gemm(t.rows, t.width, p.d.dv, w.dout.data(), p.dv_pad, 1, panel, p.bk, x, p.bk, false);
   }
-  void correction(const Recompute<T, A>&, int64_t b, int64_t h, int64_t qb, A* corr, Scratch<A>& w) const {
+  void correction(const Recompute<T, A>&, const KvPanels<A>&, int64_t b, int64_t h, int64_t qb, A* corr,
+                  Scratch<A>& w) const {
     const Tile rows = p.tile(qb, 0);
     for (int64_t r = 0; r < rows.rows; ++r)
       corr[r] = cpu::dot(w.dout.data() + r * p.dv_pad, out(b, h, rows.q0 + r), p.d.dv);
@@ -298,7 +390,7 @@ struct MapGrad {
   A inv_heads;
 
   void load(int64_t, int64_t, const Tile&, Scratch<A>&) const {}
-  void fill(const Tile& t, int64_t b, int64_t, const Scratch<A>&, A* x) const {
+  void fill(const Tile& t, const KvPanels<A>&, int64_t b, int64_t, const Scratch<A>&, A* x) const {
     for (int64_t r = 0; r < t.rows; ++r) {
       const T* g = grad.row(b, 0, t.q0 + r, t.k0);
       A* xr = x + r * p.bk;
@@ -306,83 +398,168 @@ struct MapGrad {
       std::fill(xr + t.cols, xr + t.width, A(0));
     }
   }
-  void correction(const Recompute<T, A>& c, int64_t b, int64_t h, int64_t qb, A* corr, Scratch<A>& w) const {
+  void correction(const Recompute<T, A>& c, const KvPanels<A>& kv, int64_t b, int64_t h, int64_t qb, A* corr,
+                  Scratch<A>& w) const {
     std::fill(corr, corr + p.tile(qb, 0).rows, A(0));
     for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
       const Tile t = p.tile(qb, kb);
-      c.probs(t, b, h, w.q.data(), w.s.data());
-      fill(t, b, h, w, w.x.data());
+      c.probs(t, kv, b, h, w.q.data(), w.s.data());
+      fill(t, kv, b, h, w, w.x.data());
       for (int64_t r = 0; r < t.rows; ++r) corr[r] += cpu::dot(w.s.data() + r * p.bk, w.x.data() + r * p.bk, t.width);
     }
   }
 };
 
-// ------------------------------------------------------------------------------------ the two passes
+// ------------------------------------------------------------------------------------------- backward
 
-// Pass over (b, h, query block): dq = scale dS K and the bias gradient dS; stores the correction terms.
+// Where a backward writes: dq, dk, dv (null for the map) and the bias gradient (null when not asked).
+template <typename T>
+struct Grads {
+  Rows<T> dq, dk;
+  const Rows<T>* dv;
+  T* dbias;
+};
+
+// Everything one query block of head h contributes to dq (stored), the bias gradient (stored) and, through
+// dk_acc / dv_acc ([nk][dqk_pad] / [nk][dv_pad], or null), to dk and dv. corr receives the block's
+// correction terms. The one-pass scheme calls it with whole-head accumulators; the two-pass scheme's dq pass
+// with none.
 template <typename T, typename A, typename Grad>
-void dq_pass(const Recompute<T, A>& c, const Grad& grad, const Rows<T>& dq, T* dbias) {
+void query_block_grads(const Recompute<T, A>& c, const Grad& grad, const KvPanels<A>& kv, const Grads<T>& out,
+                       int64_t b, int64_t h, int64_t qb, A* corr, A* dk_acc, A* dv_acc, Scratch<A>& w) {
   const Plan& p = c.p;
-  const int64_t H = p.d.heads, tasks = p.d.batch * H * p.q_blocks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> w(p);
-    std::vector<A> acc(kBlockQ * p.dqk_pad);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / p.q_blocks, b = bh / H, h = bh % H, qb = zigzag(task % p.q_blocks, p.q_blocks);
-      const Tile rows = p.tile(qb, 0);
-      c.load_queries(b, h, rows, w.q.data());
-      grad.load(b, h, rows, w);
-      grad.correction(c, b, h, qb, c.corr + bh * p.d.nq + rows.q0, w);
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
-        const Tile t = p.tile(qb, kb);
-        c.tile_grads(grad, t, b, h, w);
-        cpu::gemm(t.rows, p.dqk_pad, t.cols, w.x.data(), p.bk, 1, c.k_block(p.kv_row(b, h), t.k0), p.dqk_pad,
-                  acc.data(), p.dqk_pad, true);
-        if (dbias)
-          for (int64_t r = 0; r < t.rows; ++r)
-            cpu::store(dbias + (bh * p.d.nq + t.q0 + r) * p.d.nk + t.k0, w.x.data() + r * p.bk, A(1), t.cols);
-      }
-      for (int64_t r = 0; r < rows.rows; ++r)
-        cpu::store(dq(b, h, rows.q0 + r), acc.data() + r * p.dqk_pad, c.scale, p.d.dqk);
-    }
+  const int64_t bh = b * p.d.heads + h;
+  const Tile rows = p.tile(qb, 0);
+  c.load_queries(b, h, rows, w.q.data());
+  grad.load(b, h, rows, w);
+  grad.correction(c, kv, b, h, qb, corr, w);
+  std::fill(w.dq.begin(), w.dq.end(), A(0));
+  for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
+    const Tile t = p.tile(qb, kb);
+    c.tile_grads(grad, t, kv, b, h, corr, w);
+    cpu::gemm(t.rows, p.dqk_pad, t.cols, w.x.data(), p.bk, 1, kv.k + t.k0 * p.dqk_pad, p.dqk_pad, w.dq.data(),
+              p.dqk_pad, true);
+    if (out.dbias)
+      for (int64_t r = 0; r < t.rows; ++r)
+        cpu::store(out.dbias + (bh * p.d.nq + t.q0 + r) * p.d.nk + t.k0, w.x.data() + r * p.bk, A(1), t.cols);
+    if (dv_acc)
+      cpu::gemm(t.cols, p.dv_pad, t.rows, w.s.data(), 1, p.bk, w.dout.data(), p.dv_pad, dv_acc + t.k0 * p.dv_pad,
+                p.dv_pad, true);
+    if (dk_acc)
+      cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, dk_acc + t.k0 * p.dqk_pad,
+                p.dqk_pad, true);
+  }
+  for (int64_t r = 0; r < rows.rows; ++r) cpu::store(out.dq(b, h, rows.q0 + r), w.dq.data() + r * p.dqk_pad, c.scale, p.d.dqk);
+}
+
+// Stores keys [k0, k0 + n) of kv head (b, hkv) from accumulators whose row 0 is key k0.
+template <typename T, typename A>
+void store_kv_grads(const Plan& p, const Grads<T>& out, int64_t b, int64_t hkv, int64_t k0, int64_t n,
+                    const A* dk_acc, const A* dv_acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    cpu::store(out.dk(b, hkv, k0 + j), dk_acc + j * p.dqk_pad, A(1), p.d.dqk);
+    if (out.dv) cpu::store((*out.dv)(b, hkv, k0 + j), dv_acc + j * p.dv_pad, A(1), p.d.dv);
+  }
+}
+
+// Tasks that each own a whole (batch, kv head) do the backward in one pass, with 5 tile products per tile
+// (4 for the map) instead of the two-pass scheme's 7 (5), but only keep every thread busy when there are
+// enough of them: taken while the threads stay at least 3/4 busy and a task's dk and dv accumulators
+// are small.
+template <typename A>
+bool one_pass(const Plan& p) {
+  constexpr int64_t kTaskAccumulatorBytes = int64_t(16) << 20;
+  const int64_t units = p.d.batch * p.d.kv_heads, threads = at::get_num_threads();
+  const int64_t rounds = (units + threads - 1) / threads;
+  const int64_t bytes = p.d.nk * (p.dqk_pad + p.dv_pad) * int64_t(sizeof(A));
+  return 4 * units >= 3 * threads * rounds && bytes <= kTaskAccumulatorBytes;
+}
+
+// One pass: a task per (b, kv head), accumulating dk and dv of the whole head over its query heads.
+template <typename T, typename A, typename Grad>
+void backward_one_pass(const Recompute<T, A>& c, const Grad& grad, KvSource<T, A>& kv, const Grads<T>& out,
+                       const at::Tensor& like) {
+  const Plan& p = c.p;
+  const int64_t group = p.d.group();
+  struct Task {
+    Scratch<A> w;
+    std::vector<A> dk, dv;
+  };
+  const auto make_scratch = [&] {
+    return Task{Scratch<A>(p), std::vector<A>(p.d.nk * p.dqk_pad), std::vector<A>(out.dv ? p.d.nk * p.dv_pad : 0)};
+  };
+  for_each_task(kv, like, p.d.batch * p.d.kv_heads, true, make_scratch,
+                [&](int64_t bkv, const auto& kv_panels, Task& task) {
+    const int64_t b = bkv / p.d.kv_heads, hkv = bkv % p.d.kv_heads;
+    const KvPanels<A> panels = kv_panels(bkv);
+    std::fill(task.dk.begin(), task.dk.end(), A(0));
+    std::fill(task.dv.begin(), task.dv.end(), A(0));
+    for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h)
+      for (int64_t qb = 0; qb < p.q_blocks; ++qb)
+        query_block_grads(c, grad, panels, out, b, h, qb, task.w.corr.data(), task.dk.data(),
+                          out.dv ? task.dv.data() : nullptr, task.w);
+    store_kv_grads(p, out, b, hkv, 0, p.d.nk, task.dk.data(), task.dv.data());
   });
 }
 
-// Pass over (b, kv head, key block): dk = dS^T (scale q) and dv = P^T dO, summed over the query heads of
-// the group, so every gradient row has one writer.
+// Two passes, for when there are too few (batch, kv head) pairs to keep the threads busy. The dq pass runs
+// over (b, h, query block) and stores each row's correction term in corr ([B*H][Nq]) for the dk/dv pass,
+// which runs over (b, kv head, key block) and sums over the query heads of the group, so every gradient row
+// has one writer.
 template <typename T, typename A, typename Grad>
-void dkv_pass(const Recompute<T, A>& c, const Grad& grad, const Rows<T>& dk, const Rows<T>* dv) {
+void backward_two_pass(const Recompute<T, A>& c, const Grad& grad, KvSource<T, A>& kv, const Grads<T>& out,
+                       const at::Tensor& like) {
   const Plan& p = c.p;
-  const int64_t tasks = p.d.batch * p.d.kv_heads * p.k_blocks, group = p.d.group();
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> w(p);
-    std::vector<A> dk_acc(p.bk * p.dqk_pad), dv_acc(Grad::kValues ? p.bk * p.dv_pad : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bkv = task / p.k_blocks, b = bkv / p.d.kv_heads, hkv = bkv % p.d.kv_heads;
-      const int64_t kb = zigzag(task % p.k_blocks, p.k_blocks);
-      std::fill(dk_acc.begin(), dk_acc.end(), A(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), A(0));
-      for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h)
-        for (int64_t qb = p.q_begin(kb); qb < p.q_blocks; ++qb) {
-          const Tile t = p.tile(qb, kb);
-          c.load_queries(b, h, t, w.q.data());
-          grad.load(b, h, t, w);
-          c.tile_grads(grad, t, b, h, w);
-          if constexpr (Grad::kValues)
-            cpu::gemm(t.cols, p.dv_pad, t.rows, w.s.data(), 1, p.bk, w.dout.data(), p.dv_pad, dv_acc.data(), p.dv_pad,
-                      true);
-          cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, dk_acc.data(), p.dqk_pad,
-                    true);
-        }
-      const Tile keys = p.tile(0, kb);
-      for (int64_t j = 0; j < keys.cols; ++j) {
-        cpu::store(dk(b, hkv, keys.k0 + j), dk_acc.data() + j * p.dqk_pad, A(1), p.d.dqk);
-        if constexpr (Grad::kValues)
-          cpu::store((*dv)(b, hkv, keys.k0 + j), dv_acc.data() + j * p.dv_pad, A(1), p.d.dv);
-      }
-    }
+  const int64_t H = p.d.heads, group = p.d.group();
+  at::Tensor corr_buffer = acc_buffer<A>(like, {p.d.batch * H * p.d.nq});
+  A* corr = corr_buffer.data_ptr<A>();
+  const auto make_scratch = [&] { return Scratch<A>(p); };
+  for_each_task(kv, like, p.d.batch * H * p.q_blocks, true, make_scratch,
+                [&](int64_t task, const auto& kv_panels, Scratch<A>& w) {
+    const int64_t bh = task / p.q_blocks, b = bh / H, h = bh % H, qb = zigzag(task % p.q_blocks, p.q_blocks);
+    query_block_grads(c, grad, kv_panels(p.kv_row(b, h)), out, b, h, qb, corr + bh * p.d.nq + qb * kBlockQ,
+                      static_cast<A*>(nullptr), static_cast<A*>(nullptr), w);
   });
+
+  struct Task {
+    Scratch<A> w;
+    std::vector<A> dk, dv;
+  };
+  const auto make_task = [&] {
+    return Task{Scratch<A>(p), std::vector<A>(p.bk * p.dqk_pad), std::vector<A>(out.dv ? p.bk * p.dv_pad : 0)};
+  };
+  for_each_task(kv, like, p.d.batch * p.d.kv_heads * p.k_blocks, true, make_task,
+                [&](int64_t task, const auto& kv_panels, Task& acc) {
+    const int64_t bkv = task / p.k_blocks, b = bkv / p.d.kv_heads, hkv = bkv % p.d.kv_heads;
+    const int64_t kb = zigzag(task % p.k_blocks, p.k_blocks);
+    const KvPanels<A> panels = kv_panels(bkv);
+    Scratch<A>& w = acc.w;
+    std::fill(acc.dk.begin(), acc.dk.end(), A(0));
+    std::fill(acc.dv.begin(), acc.dv.end(), A(0));
+    for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h)
+      for (int64_t qb = p.q_begin(kb); qb < p.q_blocks; ++qb) {
+        const Tile t = p.tile(qb, kb);
+        c.load_queries(b, h, t, w.q.data());
+        grad.load(b, h, t, w);
+        c.tile_grads(grad, t, panels, b, h, corr + (b * H + h) * p.d.nq + t.q0, w);
+        if (out.dv)
+          cpu::gemm(t.cols, p.dv_pad, t.rows, w.s.data(), 1, p.bk, w.dout.data(), p.dv_pad, acc.dv.data(), p.dv_pad,
+                    true);
+        cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, acc.dk.data(), p.dqk_pad,
+                  true);
+      }
+    const Tile keys = p.tile(0, kb);
+    store_kv_grads(p, out, b, hkv, keys.k0, keys.cols, acc.dk.data(), acc.dv.data());
+  });
+}
+
+template <typename T, typename A, typename Grad>
+void backward(const Recompute<T, A>& c, const Grad& grad, KvSource<T, A>& kv, const Grads<T>& out,
+              const at::Tensor& like) {
+  if (one_pass<A>(c.p))
+    backward_one_pass(c, grad, kv, out, like);
+  else
+    backward_two_pass(c, grad, kv, out, like);
 }
 
 at::Tensor bias_grad_buffer(const at::Tensor& q, const AttentionDims& d, bool causal, bool bias_grad) {
@@ -404,15 +581,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     using T = scalar_t;
     using A = cpu::acc_t<T>;
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    const at::Tensor kp = pack_rows<T, A>(k, p.dqk_pad), kt = pack_cols<T, A>(k, p.k_blocks, p.bk);
-    const at::Tensor vt = pack_cols<T, A>(v, p.k_blocks, p.bk);
-    at::Tensor corr = acc_buffer<A>(q, {d.batch * d.heads * d.nq});
-    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), kt.data_ptr<A>(),
-                            kp.data_ptr<A>(), lse_rows.data_ptr<A>(), corr.data_ptr<A>()};
-    const OutGrad<T, A> grad{p, Rows<const T>(grad_out), Rows<const T>(out), vt.data_ptr<A>()};
+    KvSource<T, A> kv(p, k, v, kKt | kKRows | kVt);
+    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
+    const OutGrad<T, A> grad{p, Rows<const T>(grad_out), Rows<const T>(out)};
     const Rows<T> dv_rows(dv);
-    dq_pass(c, grad, Rows<T>(dq), bias_grad ? dbias.data_ptr<T>() : nullptr);
-    dkv_pass(c, grad, Rows<T>(dk), &dv_rows);
+    backward(c, grad, kv, Grads<T>{Rows<T>(dq), Rows<T>(dk), &dv_rows, bias_grad ? dbias.data_ptr<T>() : nullptr}, q);
   });
   return {dq, dk, dv, dbias};
 }
@@ -421,25 +594,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 
 // Parallel over (b, query block): each tile of the map sums P over the heads in place.
 template <typename T, typename A>
-void map_kernel(const Recompute<T, A>& c, T* map) {
+void map_kernel(const Recompute<T, A>& c, KvSource<T, A>& kv, const at::Tensor& like, T* map) {
   const Plan& p = c.p;
   const int64_t H = p.d.heads, tasks = p.d.batch * p.q_blocks;
   const A inv_heads = A(1) / A(std::max<int64_t>(H, 1));
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qs(H * kBlockQ * p.dqk_pad), s(kBlockQ * p.bk), acc(kBlockQ * p.bk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.q_blocks, qb = zigzag(task % p.q_blocks, p.q_blocks);
-      for (int64_t h = 0; h < H; ++h) c.load_queries(b, h, p.tile(qb, 0), qs.data() + h * kBlockQ * p.dqk_pad);
-      for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
-        const Tile t = p.tile(qb, kb);
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t h = 0; kb < p.k_end(qb) && h < H; ++h) {
-          c.probs(t, b, h, qs.data() + h * kBlockQ * p.dqk_pad, s.data());
-          for (int64_t r = 0; r < t.rows; ++r) cpu::axpy(acc.data() + r * p.bk, A(1), s.data() + r * p.bk, t.width);
-        }
-        for (int64_t r = 0; r < t.rows; ++r)
-          cpu::store(map + (b * p.d.nq + t.q0 + r) * p.d.nk + t.k0, acc.data() + r * p.bk, inv_heads, t.cols);
+  // A task reads every kv head of its batch, one after the other only when there is one key block; per-thread
+  // panels then serve each head to the one task that needs it.
+  const bool per_thread = p.q_blocks == 1 && p.k_blocks == 1;
+  struct MapScratch {
+    std::vector<A> q, s, acc;
+  };
+  const auto make_scratch = [&] {
+    return MapScratch{std::vector<A>(H * kBlockQ * p.dqk_pad), std::vector<A>(kBlockQ * p.bk),
+                      std::vector<A>(kBlockQ * p.bk)};
+  };
+  for_each_task(kv, like, tasks, per_thread, make_scratch, [&](int64_t task, const auto& kv_panels, MapScratch& w) {
+    const int64_t b = task / p.q_blocks, qb = zigzag(task % p.q_blocks, p.q_blocks);
+    for (int64_t h = 0; h < H; ++h) c.load_queries(b, h, p.tile(qb, 0), w.q.data() + h * kBlockQ * p.dqk_pad);
+    for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+      const Tile t = p.tile(qb, kb);
+      std::fill(w.acc.begin(), w.acc.end(), A(0));
+      for (int64_t h = 0; kb < p.k_end(qb) && h < H; ++h) {
+        c.probs(t, kv_panels(p.kv_row(b, h)), b, h, w.q.data() + h * kBlockQ * p.dqk_pad, w.s.data());
+        for (int64_t r = 0; r < t.rows; ++r) cpu::axpy(w.acc.data() + r * p.bk, A(1), w.s.data() + r * p.bk, t.width);
       }
+      for (int64_t r = 0; r < t.rows; ++r)
+        cpu::store(map + (b * p.d.nq + t.q0 + r) * p.d.nk + t.k0, w.acc.data() + r * p.bk, inv_heads, t.cols);
     }
   });
 }
@@ -453,10 +633,9 @@ at::Tensor attention_map_cpu(const at::Tensor& q, const at::Tensor& k, const std
     using T = scalar_t;
     using A = cpu::acc_t<T>;
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    const at::Tensor kt = pack_cols<T, A>(k, p.k_blocks, p.bk);
-    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), kt.data_ptr<A>(), nullptr,
-                            lse_rows.data_ptr<A>(), nullptr};
-    map_kernel(c, map.data_ptr<T>());
+    KvSource<T, A> kv(p, k, k, kKt);
+    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
+    map_kernel(c, kv, q, map.data_ptr<T>());
   });
   return map;
 }
@@ -472,13 +651,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_map_backward_cpu(
     using T = scalar_t;
     using A = cpu::acc_t<T>;
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    const at::Tensor kp = pack_rows<T, A>(k, p.dqk_pad), kt = pack_cols<T, A>(k, p.k_blocks, p.bk);
-    at::Tensor corr = acc_buffer<A>(q, {d.batch * d.heads * d.nq});
-    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), kt.data_ptr<A>(),
-                            kp.data_ptr<A>(), lse_rows.data_ptr<A>(), corr.data_ptr<A>()};
+    KvSource<T, A> kv(p, k, k, kKt | kKRows);
+    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
     const MapGrad<T, A> grad{p, Strided<T>::map(grad_map), A(1) / A(std::max<int64_t>(d.heads, 1))};
-    dq_pass(c, grad, Rows<T>(dq), bias_grad ? dbias.data_ptr<T>() : nullptr);
-    dkv_pass(c, grad, Rows<T>(dk), static_cast<const Rows<T>*>(nullptr));
+    backward(c, grad, kv, Grads<T>{Rows<T>(dq), Rows<T>(dk), nullptr, bias_grad ? dbias.data_ptr<T>() : nullptr}, q);
   });
   return {dq, dk, dbias};
 }

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pykernels as pk
 
-from .cases import Case, LazyData
+from .cases import Case, LazyData, forward_backward, forward_only
 
 FAMILY = "attention"
 
@@ -61,17 +61,19 @@ def _sdpa_backends(device: torch.device):
     return out
 
 
-def _fwd_bwd(fn, leaves):
-    def run():
-        out = fn()
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-    return run
-
-
 def _naive(q, k, v):
     p = torch.softmax(q @ k.transpose(-1, -2) * q.size(-1) ** -0.5, dim=-1)
     return p @ v
+
+
+def _fused_map(q, k, v):
+    return pk.fused_attention(q, k, v, return_attn_mean=True)
+
+
+def _unfused_map(q, k, v):
+    """What users do today: SDPA for the output, the probabilities materialised again for the map."""
+    p = torch.softmax(q @ k.transpose(-1, -2) * q.size(-1) ** -0.5, dim=-1)
+    return F.scaled_dot_product_attention(q, k, v), p.mean(dim=1)
 
 
 def cases(device: torch.device, quick: bool, spec_list: list[AttnSpec] | None = None) -> list[Case]:
@@ -90,30 +92,19 @@ def cases(device: torch.device, quick: bool, spec_list: list[AttnSpec] | None = 
                         for s in (shape_q, shape_k, shape_k)]
             return _data.get((spec, device), build)
 
-        # Every closure binds this iteration's get: a late-bound one would run the last shape for every case.
-        ours = lambda get=get: pk.fused_attention(*get())
-        providers = {"pykernels": ours}
+        # wrap(fn, get) binds this iteration's get; a closure over the loop would run the last shape every time.
+        providers = {"pykernels": pk.fused_attention}
         for name, ctx in _sdpa_backends(device).items():
-            def sdpa(ctx=ctx, get=get):
+            def sdpa(q, k, v, ctx=ctx):
                 with ctx():
-                    return F.scaled_dot_product_attention(*get())
+                    return F.scaled_dot_product_attention(q, k, v)
             providers[name] = sdpa
-        providers["naive softmax(qkᵀ)v"] = lambda get=get: _naive(*get())
-        out.append(Case(FAMILY, f"attention · {spec.label}", "fwd", dict(providers)))
-        if spec.backward:
-            out.append(Case(FAMILY, f"attention · {spec.label}", "fwd+bwd",
-                            {k: (lambda fn=fn, get=get: _fwd_bwd(fn, get())()) for k, fn in providers.items()}))
-
-        def ours_map(get=get):
-            return pk.fused_attention(*get(), return_attn_mean=True)
-
-        def unfused_map(get=get):
-            q, k, v = get()
-            p = torch.softmax(q @ k.transpose(-1, -2) * q.size(-1) ** -0.5, dim=-1)
-            return F.scaled_dot_product_attention(q, k, v), p.mean(dim=1)
-
-        out.append(Case(FAMILY, f"attention + head-mean map · {spec.label}", "fwd+bwd",
-                        {"pykernels (fused map)": lambda get=get, f=ours_map: _fwd_bwd(f, get())(),
-                         "SDPA + materialised softmax(qkᵀ).mean(heads)":
-                             lambda get=get, f=unfused_map: _fwd_bwd(f, get())()}))
+        providers["naive softmax(qkᵀ)v"] = _naive
+        map_providers = {"pykernels (fused map)": _fused_map,
+                         "SDPA + materialised softmax(qkᵀ).mean(heads)": _unfused_map}
+        modes = [("fwd", forward_only)] + ([("fwd+bwd", forward_backward)] if spec.backward else [])
+        for title, fns in ((f"attention · {spec.label}", providers),
+                           (f"attention + head-mean map · {spec.label}", map_providers)):
+            for mode, wrap in modes:
+                out.append(Case(FAMILY, title, mode, {name: wrap(fn, get) for name, fn in fns.items()}))
     return out

@@ -43,10 +43,12 @@ def forward_only(fn, inputs):
 
 
 def forward_backward(fn, inputs):
-    """A provider timing ``fn(*inputs())`` and its backward to those inputs. ``inputs`` is called when the
-    case runs, so it sees the data that is live then (LazyData keeps one dataset at a time)."""
+    """A provider timing ``fn(*inputs())`` and its backward to those inputs (every output gets a gradient of
+    ones when ``fn`` returns a tuple). ``inputs`` is called when the case runs, so it sees the data that is
+    live then (LazyData keeps one dataset at a time)."""
     def run():
         leaves = inputs()
         out = fn(*leaves)
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
     return run
