@@ -80,7 +80,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_b
         return ref.attention(q, k, v, bias, causal, scale, return_attn_mean)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     ns = getattr(torch.ops, _NAMESPACE[engine])
-    out, lse = ns.attention(q, k, v, bias, bool(causal), float(scale))
     if not return_attn_mean:
-        return out
-    return out, ns.attention_map(q, k, bias, lse, bool(causal), float(scale))
+        return ns.attention(q, k, v, bias, bool(causal), float(scale))[0]
+    out, _lse, attn_mean = ns.attention_with_map(q, k, v, bias, bool(causal), float(scale))
+    return out, attn_mean

@@ -193,6 +193,26 @@ def test_cpu_long_key_ranges(nk):
         assert_close(a, b, torch.float32, scale=16, msg=name)
 
 
+@pytest.mark.parametrize("nk", [77, 300])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_with_map_matches_the_two_ops(nk, causal):
+    # 77 keys fit one tile (one fused pass), 300 do not (forward, then the map kernel); the backward of both
+    # outputs together must equal the sum of the two ops' backwards.
+    ns = torch.ops.pykernels
+    q, k, v, bias = _inputs((2, 4, 2, 70, nk, 40, 24), torch.float64, "cpu", bias="full", requires_grad=False)
+    out, lse, attn_mean = ns.attention_with_map(q, k, v, bias, causal, 0.2)
+    out2, lse2 = ns.attention(q, k, v, bias, causal, 0.2)
+    assert_close(out, out2, torch.float64)
+    assert_close(lse, lse2, torch.float64)
+    assert_close(attn_mean, ns.attention_map(q, k, bias, lse2, causal, 0.2), torch.float64)
+    grad_out, grad_map = torch.randn_like(out), torch.randn_like(attn_mean)
+    got = ns.attention_with_map_backward(q, k, v, bias, out, lse, grad_out, grad_map, causal, 0.2, True)
+    dq, dk, dv, db = ns.attention_backward(q, k, v, bias, out, lse, grad_out, causal, 0.2, True)
+    mq, mk, mb = ns.attention_map_backward(q, k, bias, lse, grad_map, causal, 0.2, True)
+    for name, a, b in zip(["dq", "dk", "dv", "dbias"], got, (dq + mq, dk + mk, dv, db + mb)):
+        assert_close(a, b, torch.float64, msg=name)
+
+
 # ----------------------------------------------------------------------------------- opcheck / gradcheck
 
 NAMESPACES = ["pykernels"] + (["pykernels_triton"] if "triton" in engines_for("cpu") else [])
@@ -214,11 +234,14 @@ def test_opcheck(namespace, requires_grad, causal):
     with torch.no_grad():
         out, lse = ns.attention(q, k, v, bias, causal, 0.3)
     torch.library.opcheck(ns.attention_map.default, (q, k, bias, lse, causal, 0.3))
+    torch.library.opcheck(ns.attention_with_map.default, (q, k, v, bias, causal, 0.3))
     if not requires_grad:
         grad = torch.randn_like(out)
         torch.library.opcheck(ns.attention_backward.default, (q, k, v, bias, out, lse, grad, causal, 0.3, True))
         gmap = torch.randn(2, 5, 6, dtype=torch.float64)
         torch.library.opcheck(ns.attention_map_backward.default, (q, k, bias, lse, gmap, causal, 0.3, True))
+        torch.library.opcheck(ns.attention_with_map_backward.default,
+                              (q, k, v, bias, out, lse, grad, gmap, causal, 0.3, True))
 
 
 @pytest.mark.parametrize("engine", [e for e in engines_for("cpu")])

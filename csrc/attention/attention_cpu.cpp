@@ -391,9 +391,17 @@ struct MapGrad {
 
   void load(int64_t, int64_t, const Tile&, Scratch<A>&) const {}
   void fill(const Tile& t, const KvPanels<A>&, int64_t b, int64_t, const Scratch<A>&, A* x) const {
+    put(t, b, x, false);
+  }
+  // x = G / H over tile t (zero past its keys), or x += G / H.
+  void put(const Tile& t, int64_t b, A* x, bool add) const {
     for (int64_t r = 0; r < t.rows; ++r) {
       const T* g = grad.row(b, 0, t.q0 + r, t.k0);
       A* xr = x + r * p.bk;
+      if (add) {
+        for (int64_t j = 0; j < t.cols; ++j) xr[j] += inv_heads * cpu::to_acc(g[j * grad.s3]);
+        continue;
+      }
       for (int64_t j = 0; j < t.cols; ++j) xr[j] = inv_heads * cpu::to_acc(g[j * grad.s3]);
       std::fill(xr + t.cols, xr + t.width, A(0));
     }
@@ -407,6 +415,29 @@ struct MapGrad {
       fill(t, kv, b, h, w, w.x.data());
       for (int64_t r = 0; r < t.rows; ++r) corr[r] += cpu::dot(w.s.data() + r * p.bk, w.x.data() + r * p.bk, t.width);
     }
+  }
+};
+
+// dP of attention and its map together, dO V^T + G / H, with dO . O + sum_j P G / H as correction: when
+// both outputs get a gradient, one backward serves them.
+template <typename T, typename A>
+struct OutAndMapGrad {
+  static constexpr bool kValues = true;
+  OutGrad<T, A> out;
+  MapGrad<T, A> map;
+
+  void load(int64_t b, int64_t h, const Tile& t, Scratch<A>& w) const { out.load(b, h, t, w); }
+  void fill(const Tile& t, const KvPanels<A>& kv, int64_t b, int64_t h, const Scratch<A>& w, A* x) const {
+    out.fill(t, kv, b, h, w, x);
+    map.put(t, b, x, true);
+  }
+  // The map's correction walks the keys with s and x as scratch; w.dout, loaded before, stays intact.
+  void correction(const Recompute<T, A>& c, const KvPanels<A>& kv, int64_t b, int64_t h, int64_t qb, A* corr,
+                  Scratch<A>& w) const {
+    map.correction(c, kv, b, h, qb, corr, w);
+    const Tile rows = out.p.tile(qb, 0);
+    for (int64_t r = 0; r < rows.rows; ++r)
+      corr[r] += cpu::dot(w.dout.data() + r * out.p.dv_pad, out.out(b, h, rows.q0 + r), out.p.d.dv);
   }
 };
 
@@ -659,6 +690,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_map_backward_cpu(
   return {dq, dk, dbias};
 }
 
+// ----------------------------------------------------------------------------------- attention with map
+
+// Output and head-mean map in one pass when every query sees a single key block (cross-attention to 77 text
+// tokens, temporal attention over 16 frames): the block's softmax is final after the forward's, so the map
+// sums the forward's own probabilities instead of recomputing them from the lse. Tasks are (b, query
+// block) and run every head.
+template <typename T, typename A>
+void forward_with_map_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& bias_t, A scale, const at::Tensor& out,
+                             const at::Tensor& lse, T* map) {
+  KvSource<T, A> kv(p, k, v, kKt | kVRows);
+  const Rows<const T> q_rows(q);
+  const Rows<T> out_rows(out);
+  const Strided<T> bias(bias_t);
+  A* lse_data = lse.data_ptr<A>();
+  const int64_t H = p.d.heads;
+  const A inv_heads = A(1) / A(std::max<int64_t>(H, 1));
+  struct MapForwardScratch {
+    ForwardScratch<A> f;
+    std::vector<A> map;
+  };
+  const auto make_scratch = [&] { return MapForwardScratch{ForwardScratch<A>(p), std::vector<A>(kBlockQ * p.bk)}; };
+  // With one query block a task is the only reader of its heads, so per-thread panels serve them.
+  for_each_task(kv, q, p.d.batch * p.q_blocks, p.q_blocks == 1, make_scratch,
+                [&](int64_t task, const auto& kv_panels, MapForwardScratch& scratch) {
+    ForwardScratch<A>& w = scratch.f;
+    const int64_t b = task / p.q_blocks, qb = zigzag(task % p.q_blocks, p.q_blocks);
+    const Tile t = p.tile(qb, 0);
+    std::fill(scratch.map.begin(), scratch.map.end(), A(0));
+    for (int64_t h = 0; h < H; ++h) {
+      const KvPanels<A> panels = kv_panels(p.kv_row(b, h));
+      pack_block(q_rows, b, h, t.q0, t.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
+      std::fill(w.acc.begin(), w.acc.begin() + t.rows * p.dv_pad, A(0));
+      std::fill(w.state.begin(), w.state.end(), OnlineSoftmax<A>{});
+      tile_scores(p, t, panels, w.q.data(), w.s.data());
+      forward_tile(p, t, bias, b, h, w.s.data(), w.state.data(), w.acc.data(), panels.v);
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const A inv_sum = w.state[r].inv_sum();
+        cpu::store(out_rows(b, h, t.q0 + r), w.acc.data() + r * p.dv_pad, inv_sum, p.d.dv);
+        lse_data[(b * H + h) * p.d.nq + t.q0 + r] = w.state[r].lse();
+        cpu::axpy(scratch.map.data() + r * p.bk, inv_sum, w.s.data() + r * p.bk, t.width);
+      }
+    }
+    for (int64_t r = 0; r < t.rows; ++r)
+      cpu::store(map + (b * p.d.nq + t.q0 + r) * p.d.nk, scratch.map.data() + r * p.bk, inv_heads, t.cols);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_map_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                      const at::Tensor& v,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      bool causal, double scale) {
+  const AttentionDims d = check_attention("pykernels.attention_with_map", q, k, v, bias);
+  at::Tensor out = at::empty({d.batch, d.heads, d.nq, d.dv}, q.options());
+  at::Tensor lse = at::empty({d.batch, d.heads, d.nq}, q.options().dtype(attention_lse_dtype(q.scalar_type())));
+  at::Tensor map = at::empty({d.batch, d.nq, d.nk}, q.options());
+  PK_DISPATCH_FLOATS(q.scalar_type(), "attention_with_map_cpu", [&] {
+    using T = scalar_t;
+    using A = cpu::acc_t<T>;
+    const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
+    if (p.k_blocks == 1) {
+      forward_with_map_kernel<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse, map.data_ptr<T>());
+      return;
+    }
+    forward_kernel<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse);
+    KvSource<T, A> kv(p, k, k, kKt);
+    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse.data_ptr<A>()};
+    map_kernel(c, kv, q, map.data_ptr<T>());
+  });
+  return {out, lse, map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_map_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& grad_map, bool causal,
+    double scale, bool bias_grad) {
+  const char* op = "pykernels.attention_with_map_backward";
+  const AttentionDims d = check_attention_backward(op, q, k, v, bias, out, lse, grad_out);
+  check_attention_map_backward(op, q, k, bias, lse, grad_map);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dbias = bias_grad_buffer(q, d, causal, bias_grad);
+  const at::Tensor lse_rows = lse.contiguous();
+  PK_DISPATCH_FLOATS(q.scalar_type(), "attention_with_map_backward_cpu", [&] {
+    using T = scalar_t;
+    using A = cpu::acc_t<T>;
+    const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
+    KvSource<T, A> kv(p, k, v, kKt | kKRows | kVt);
+    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
+    const OutAndMapGrad<T, A> grad{OutGrad<T, A>{p, Rows<const T>(grad_out), Rows<const T>(out)},
+                                   MapGrad<T, A>{p, Strided<T>::map(grad_map), A(1) / A(std::max<int64_t>(d.heads, 1))}};
+    const Rows<T> dv_rows(dv);
+    backward(c, grad, kv, Grads<T>{Rows<T>(dq), Rows<T>(dk), &dv_rows, bias_grad ? dbias.data_ptr<T>() : nullptr}, q);
+  });
+  return {dq, dk, dv, dbias};
+}
+
 }  // namespace
 }  // namespace pk
 
@@ -667,4 +794,6 @@ TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("attention_backward", &pk::attention_backward_cpu);
   m.impl("attention_map", &pk::attention_map_cpu);
   m.impl("attention_map_backward", &pk::attention_map_backward_cpu);
+  m.impl("attention_with_map", &pk::attention_with_map_cpu);
+  m.impl("attention_with_map_backward", &pk::attention_with_map_backward_cpu);
 }

@@ -153,6 +153,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_map_backward_cuda(
   return {dq, dk, dbias};
 }
 
+// This engine has no shared kernel for the output and the map: the two ops run one after the other, and the
+// backward adds the map's gradients to the output's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_map_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                       const at::Tensor& v,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       bool causal, double scale) {
+  auto [out, lse] = attention_cuda(q, k, v, bias, causal, scale);
+  at::Tensor map = attention_map_cuda(q, k, bias, lse, causal, scale);
+  return {out, lse, map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_map_backward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& grad_map, bool causal,
+    double scale, bool bias_grad) {
+  auto [dq, dk, dv, dbias] = attention_backward_cuda(q, k, v, bias, out, lse, grad_out, causal, scale, bias_grad);
+  auto [map_dq, map_dk, map_dbias] = attention_map_backward_cuda(q, k, bias, lse, grad_map, causal, scale, bias_grad);
+  dq.add_(map_dq);
+  dk.add_(map_dk);
+  if (bias_grad) dbias.add_(map_dbias);
+  return {dq, dk, dv, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -160,6 +183,8 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("attention_map", &attention_map_cuda);
   m.impl("attention_map_backward", &attention_map_backward_cuda);
+  m.impl("attention_with_map", &attention_with_map_cuda);
+  m.impl("attention_with_map_backward", &attention_with_map_backward_cuda);
 }
 
 }  // namespace pk

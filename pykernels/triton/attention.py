@@ -496,3 +496,19 @@ def attention_map_backward(q, k, bias, lse, grad_map, causal, scale, bias_grad):
         q, k, k, bias_t, grad_map, lse, r, dk, dk, q.stride(), k.stride(), k.stride(), bias_st, grad_map.stride(),
         lse.stride(), dk.stride(), dk.stride(), *common, MAP=True, **flags)
     return dq, dk, dbias
+
+
+def attention_with_map(q, k, v, bias, causal, scale):
+    """The output and the map by the two kernels in turn: this engine has no kernel that shares their work."""
+    out, lse = attention(q, k, v, bias, causal, scale)
+    return out, lse, attention_map(q, k, bias, lse, causal, scale)
+
+
+def attention_with_map_backward(q, k, v, bias, out, lse, grad_out, grad_map, causal, scale, bias_grad):
+    dq, dk, dv, dbias = attention_backward(q, k, v, bias, out, lse, grad_out, causal, scale, bias_grad)
+    map_dq, map_dk, map_dbias = attention_map_backward(q, k, bias, lse, grad_map, causal, scale, bias_grad)
+    dq.add_(map_dq)
+    dk.add_(map_dk)
+    if bias_grad:
+        dbias.add_(map_dbias)
+    return dq, dk, dv, dbias
