@@ -63,9 +63,6 @@ def _split_bias(op: str, rel_pos_bias, q, requested, window):
 def _pad_kv(op: str, pad_kv, q, v):
     if pad_kv is None:
         return None
-    if isinstance(pad_kv, torch.Tensor) and pad_kv.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: pad_kv receives no gradient; pass pad_kv.detach() (pad tokens' keys and values "
-                         "are constants of the op)")
     pad_kv = check_param_tensor(op, "pad_kv", pad_kv, q)
     if v.size(3) != q.size(3):
         raise ValueError(f"{op}: pad_kv needs v's head dim ({v.size(3)}) equal to q's ({q.size(3)})")
@@ -103,8 +100,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
       (timm's ``get_attn_mask``). ``False`` lets tokens wrapping around the border attend freely (MSW-MSA).
     * ``pad_kv``: ``[2, heads, D]``, the key and value of the pad tokens (zeros when None). timm pads the
       features before the qkv projection, so there they equal the projection's bias: pass
-      ``qkv.bias.view(3, heads, D)[1:]`` (detached: pad_kv receives no gradient) to match timm exactly. Pad
-      tokens are keys only; their outputs are dropped.
+      ``qkv.bias.view(3, heads, D)[1:]`` to match timm exactly, gradient included. Pad tokens are keys only;
+      their outputs are dropped.
     """
     op = "pykernels.window_attention"
     spatial = check_grid_qkv(op, q, k, v, spatial_shape)

@@ -57,19 +57,19 @@ def _inputs(case, dtype, device="cpu", batch=2, heads=2, seed=0):
     elif bias == "dense":
         rel = t(heads, wh * ww, wh * ww)
     pad_kv = t(2, heads, d) if pad else None
-    for x in (q, k, v, rel):
+    for x in (q, k, v, rel, pad_kv):
         if x is not None:
             x.requires_grad_()
     return q, k, v, rel, pad_kv
 
 
 def _reference(case, q, k, v, rel, pad_kv, dtype):
+    """The reference output and its leaves: q, k, v, then the bias and pad_kv where given."""
     shape, window, shift, *_ = case
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    bias = rel.detach().to(dtype).requires_grad_() if rel is not None else None
-    out = pkw.window_attention(*leaves, shape, window, shift, rel_pos_bias=bias,
-                               pad_kv=None if pad_kv is None else pad_kv.to(dtype), backend="reference")
-    return out, leaves + ([bias] if bias is not None else [])
+    bias, pad = (x.detach().to(dtype).requires_grad_() if x is not None else None for x in (rel, pad_kv))
+    out = pkw.window_attention(*leaves, shape, window, shift, rel_pos_bias=bias, pad_kv=pad, backend="reference")
+    return out, leaves + [x for x in (bias, pad) if x is not None]
 
 
 def _check(actual, expected, eager, dtype, scale=1.0, msg=""):
@@ -93,11 +93,12 @@ def test_window_attention_matches_reference(device, engine, case, dtype):
     _check(out, expected, eager, dtype, scale=4, msg="out")
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
-    inputs = [q, k, v] + ([rel] if rel is not None else [])
+    inputs = [x for x in (q, k, v, rel, pad_kv) if x is not None]
+    names = [name for name, x in zip(("q", "k", "v", "bias", "pad_kv"), (q, k, v, rel, pad_kv)) if x is not None]
     grads = torch.autograd.grad(out, inputs, grad.to(dtype))
     want = torch.autograd.grad(expected, leaves64, grad)
     eager_grads = torch.autograd.grad(eager, eager_leaves, grad.to(dtype))
-    for name, got, w, e in zip(("q", "k", "v", "bias"), grads, want, eager_grads):
+    for name, got, w, e in zip(names, grads, want, eager_grads):
         assert got.shape == w.shape and got.dtype == dtype
         _check(got, w, e, dtype, scale=16, msg=f"grad {name}")
 
@@ -161,7 +162,7 @@ def test_results_are_deterministic_for_any_thread_count(device, engine, window):
     def run():
         out = pkw.window_attention(q, k, v, (21, 21), window, window // 2, rel_pos_bias=table, pad_kv=pad_kv,
                                    backend=engine)
-        return (out,) + torch.autograd.grad(out.square().sum(), (q, k, v, table))
+        return (out,) + torch.autograd.grad(out.square().sum(), (q, k, v, table, pad_kv))
 
     threads = torch.get_num_threads()
     first = run()
@@ -225,7 +226,7 @@ def test_msw_msa_draws_hidiffusions_shifts():
 
 def _op_args(bias, requires_grad):
     q, k, v, rel, pad_kv = _inputs(((5, 7), (2, 3), (1, 2), 8, bias, True), torch.float64, batch=2, heads=2)
-    for x in (q, k, v, rel):
+    for x in (q, k, v, rel, pad_kv):
         if x is not None:
             x.requires_grad_(requires_grad)
     table, dense = (rel, None) if bias == "table" else (None, rel)
@@ -251,24 +252,24 @@ def test_opcheck(requires_grad, bias, shift_mask):
 def test_gradcheck_float64(device, engine, bias):
     q, k, v, rel, pad_kv = _inputs(((4, 5), 3, 1, 3, bias, True), torch.float64, device, batch=1, heads=2)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, b: pkw.window_attention(q, k, v, (4, 5), 3, 1, rel_pos_bias=b, pad_kv=pad_kv,
-                                                backend=engine), (q, k, v, rel))
+        lambda q, k, v, b, pad: pkw.window_attention(q, k, v, (4, 5), 3, 1, rel_pos_bias=b, pad_kv=pad,
+                                                     backend=engine), (q, k, v, rel, pad_kv))
 
 
 def test_compile_fullgraph():
     q, k, v, table, pad_kv = _inputs(((9, 10), 4, 2, 8, "table", True), torch.float32)
 
-    def f(q, k, v, table):
+    def f(q, k, v, table, pad_kv):
         swin = pkw.window_attention(q, k, v, (9, 10), 4, 2, rel_pos_bias=table, pad_kv=pad_kv)
         hidiffusion = pkw.msw_msa(q, k, v, (9, 10), shift=(1, 1))
         return swin.square().sum() + hidiffusion.sum()
 
+    leaves = (q, k, v, table, pad_kv)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager = f(q, k, v, table)
-    got = compiled(q, k, v, table)
+    eager = f(*leaves)
+    got = compiled(*leaves)
     torch.testing.assert_close(got, eager)
-    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v, table)),
-                               torch.autograd.grad(eager, (q, k, v, table)))
+    torch.testing.assert_close(torch.autograd.grad(got, leaves), torch.autograd.grad(eager, leaves))
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -301,8 +302,6 @@ def test_bad_input_is_a_clear_error():
         pkw.window_attention(q[0], q, q, (5, 6), 3)
     with pytest.raises(ValueError, match=op + r"pad_kv must be \[2, heads, D\] = \[2, 2, 8\], got \[2, 8\]"):
         pkw.window_attention(q, q, q, (5, 6), 3, pad_kv=torch.zeros(2, 8))
-    with pytest.raises(ValueError, match=op + r"pad_kv receives no gradient"):
-        pkw.window_attention(q, q, q, (5, 6), 3, pad_kv=torch.zeros(2, 2, 8, requires_grad=True))
     with pytest.raises(ValueError, match=r"pykernels.msw_msa: shift \(4, 1\) must be smaller than the window \(3, 3\)"):
         pkw.msw_msa(q, q, q, (5, 6), shift=(4, 1))
     with pytest.raises(ValueError, match=r"backend must be one of"):

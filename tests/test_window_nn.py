@@ -91,11 +91,12 @@ def test_swin_block_matches_timms_code_path(size, window, shift, qkv_bias):
     expected = _timm_block(block, x)
     torch.testing.assert_close(got, expected)
     g = torch.randn_like(got)
-    params = [p for name, p in block.named_parameters() if name != "attn.qkv.bias"]
-    grads = torch.autograd.grad(got, [x] + params, g)
-    expected_grads = torch.autograd.grad(expected, [x] + params, g)
-    for name, a, e in zip(["x"] + [n for n, _ in block.named_parameters() if n != "attn.qkv.bias"], grads,
-                          expected_grads):
+    # Every parameter, the qkv bias included: where the map needs padding, its pad tokens' share of the
+    # gradient must arrive as in timm.
+    names, params = zip(*block.named_parameters())
+    grads = torch.autograd.grad(got, [x, *params], g)
+    expected_grads = torch.autograd.grad(expected, [x, *params], g)
+    for name, a, e in zip(["x", *names], grads, expected_grads):
         torch.testing.assert_close(a, e, msg=name)
 
 

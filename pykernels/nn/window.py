@@ -55,8 +55,8 @@ class WindowAttention(nn.Module):
         """``x`` ``[B, H, W, C]`` → ``[B, H, W, C]``: (shifted) window attention with Swin's region mask.
 
         Where ``H`` or ``W`` is not a multiple of the window, timm pads the features with zeros before the qkv
-        projection, so its pad tokens carry the projection's bias as key and value; so do ours (``pad_kv``).
-        That bias then gets no gradient through the pad tokens (timm's does).
+        projection, so its pad tokens carry the projection's bias as key and value; so do ours (``pad_kv``),
+        and that bias gets the pad tokens' gradient as timm's does.
         """
         if self.training and self.attn_drop.p > 0:
             raise NotImplementedError(
@@ -68,7 +68,7 @@ class WindowAttention(nn.Module):
         q, k, v = _qkv_heads(self.qkv, x, self.num_heads, self.head_dim)
         pad_kv = None
         if self.qkv.bias is not None:
-            pad_kv = self.qkv.bias.detach().view(3, self.num_heads, self.head_dim)[1:].to(q.dtype)
+            pad_kv = self.qkv.bias.view(3, self.num_heads, self.head_dim)[1:].to(q.dtype)
         out = window_attention(q, k, v, (h, w), self.window_size, shift_size, self.relative_position_bias_table,
                                shift_mask=True, scale=self.scale, pad_kv=pad_kv, backend=backend)
         return self.proj_drop(self.proj(_merge_heads(out, (b, h, w))))
