@@ -600,11 +600,13 @@ at::Tensor bias_grad_buffer(const at::Tensor& q, const AttentionDims& d, bool ca
   return causal ? at::zeros(shape, q.options()) : at::empty(shape, q.options());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, bool causal, double scale,
-    bool bias_grad) {
-  const AttentionDims d = check_attention_backward("pykernels.attention_backward", q, k, v, bias, out, lse, grad_out);
+// Gradients of the output, and of the head-mean map as well when grad_map is given (one backward for both).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> output_backward(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
+    const at::Tensor* grad_map, bool causal, double scale, bool bias_grad) {
+  const AttentionDims d = check_attention_backward(op, q, k, v, bias, out, lse, grad_out);
+  if (grad_map) check_attention_map_backward(op, q, k, bias, lse, *grad_map);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dbias = bias_grad_buffer(q, d, causal, bias_grad);
   const at::Tensor lse_rows = lse.contiguous();
@@ -614,11 +616,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
     KvSource<T, A> kv(p, k, v, kKt | kKRows | kVt);
     const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
-    const OutGrad<T, A> grad{p, Rows<const T>(grad_out), Rows<const T>(out)};
+    const OutGrad<T, A> out_grad{p, Rows<const T>(grad_out), Rows<const T>(out)};
     const Rows<T> dv_rows(dv);
-    backward(c, grad, kv, Grads<T>{Rows<T>(dq), Rows<T>(dk), &dv_rows, bias_grad ? dbias.data_ptr<T>() : nullptr}, q);
+    const Grads<T> grads{Rows<T>(dq), Rows<T>(dk), &dv_rows, bias_grad ? dbias.data_ptr<T>() : nullptr};
+    if (grad_map) {
+      const MapGrad<T, A> map_grad{p, Strided<T>::map(*grad_map), A(1) / A(std::max<int64_t>(d.heads, 1))};
+      backward(c, OutAndMapGrad<T, A>{out_grad, map_grad}, kv, grads, q);
+    } else {
+      backward(c, out_grad, kv, grads, q);
+    }
   });
   return {dq, dk, dv, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, bool causal, double scale,
+    bool bias_grad) {
+  return output_backward("pykernels.attention_backward", q, k, v, bias, out, lse, grad_out, nullptr, causal, scale,
+                         bias_grad);
 }
 
 // ---------------------------------------------------------------------------------------- head-mean map
@@ -766,24 +782,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_map_ba
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& grad_map, bool causal,
     double scale, bool bias_grad) {
-  const char* op = "pykernels.attention_with_map_backward";
-  const AttentionDims d = check_attention_backward(op, q, k, v, bias, out, lse, grad_out);
-  check_attention_map_backward(op, q, k, bias, lse, grad_map);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor dbias = bias_grad_buffer(q, d, causal, bias_grad);
-  const at::Tensor lse_rows = lse.contiguous();
-  PK_DISPATCH_FLOATS(q.scalar_type(), "attention_with_map_backward_cpu", [&] {
-    using T = scalar_t;
-    using A = cpu::acc_t<T>;
-    const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    KvSource<T, A> kv(p, k, v, kKt | kKRows | kVt);
-    const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse_rows.data_ptr<A>()};
-    const OutAndMapGrad<T, A> grad{OutGrad<T, A>{p, Rows<const T>(grad_out), Rows<const T>(out)},
-                                   MapGrad<T, A>{p, Strided<T>::map(grad_map), A(1) / A(std::max<int64_t>(d.heads, 1))}};
-    const Rows<T> dv_rows(dv);
-    backward(c, grad, kv, Grads<T>{Rows<T>(dq), Rows<T>(dk), &dv_rows, bias_grad ? dbias.data_ptr<T>() : nullptr}, q);
-  });
-  return {dq, dk, dv, dbias};
+  return output_backward("pykernels.attention_with_map_backward", q, k, v, bias, out, lse, grad_out, &grad_map,
+                         causal, scale, bias_grad);
 }
 
 }  // namespace
