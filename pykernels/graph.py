@@ -198,24 +198,31 @@ def _check_graph_device(op: str, csr: CSR, device: torch.device) -> None:
         raise ValueError(f"{op}: the graph is on {csr.device} but the features are on {device}")
 
 
+def _check_csr_order(op: str, graph, csr_order: bool) -> None:
+    if csr_order and not isinstance(graph, CSR):
+        raise ValueError(f"{op}: csr_order=True needs a CSR graph (an edge_index has no CSR order to refer to)")
+
+
 def spmm(graph, x: torch.Tensor, edge_weight: torch.Tensor | None = None, reduce: str = "sum", *,
-         num_targets: int | None = None, backend: str = "auto") -> torch.Tensor:
+         num_targets: int | None = None, csr_order: bool = False, backend: str = "auto") -> torch.Tensor:
     """Sparse-dense product ``out[i] = reduce_{j -> i} w_ji * x[j]`` over the edges of ``graph``.
 
     ``graph`` is a :class:`CSR` or an ``edge_index``; ``x`` is ``[N_src, F]`` or ``[N_src, H, F]``;
-    ``edge_weight`` is ``[E]`` or ``[E, H]`` in edge order (defaults to the CSR's own weights, then 1).
-    ``reduce`` is ``sum``, ``mean`` (divides by the in-degree), ``max`` or ``min`` (empty rows give 0).
-    Differentiable in ``x`` and ``edge_weight``.
+    ``edge_weight`` is ``[E]`` or ``[E, H]`` in edge order, or in the CSR's own order with ``csr_order=True``
+    (which skips a reordering each way); it defaults to the CSR's own weights, then 1. ``reduce`` is ``sum``,
+    ``mean`` (divides by the in-degree), ``max`` or ``min`` (empty rows give 0). Differentiable in ``x`` and
+    ``edge_weight``.
     """
     op = "pykernels.spmm"
     if reduce not in _REDUCES:
         raise ValueError(f"{op}: reduce must be one of {_REDUCES}, got {reduce!r}")
+    _check_csr_order(op, graph, csr_order)
     x3, single = _node_features(op, "x", x)
     csr = _as_graph(op, graph, x3.size(0), num_targets)
     _check_graph_device(op, csr, x3.device)
     if edge_weight is not None:
-        w = csr.to_csr_order(_edge_values(op, "edge_weight", edge_weight, csr.num_edges, x3.size(1), x3.device,
-                                          x3.dtype))
+        w = _edge_values(op, "edge_weight", edge_weight, csr.num_edges, x3.size(1), x3.device, x3.dtype)
+        w = w if csr_order else csr.to_csr_order(w)
     elif csr.edge_weight is not None:
         w = _edge_values(op, "graph.edge_weight", csr.edge_weight.to(x3.dtype), csr.num_edges, x3.size(1),
                          x3.device)
@@ -229,12 +236,14 @@ def spmm(graph, x: torch.Tensor, edge_weight: torch.Tensor | None = None, reduce
     return out.squeeze(1) if single else out
 
 
-def sddmm(graph, a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Per-edge dot products ``out[e] = a[target(e)] . b[source(e)]`` (per head), in edge order.
+def sddmm(graph, a: torch.Tensor, b: torch.Tensor, *, csr_order: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Per-edge dot products ``out[e] = a[target(e)] . b[source(e)]`` (per head), in edge order (in the
+    CSR's order with ``csr_order=True``).
 
     ``a`` is ``[N_dst, F]`` or ``[N_dst, H, F]``, ``b`` likewise over sources; returns ``[E]`` or ``[E, H]``.
     """
     op = "pykernels.sddmm"
+    _check_csr_order(op, graph, csr_order)
     a3, single = _node_features(op, "a", a)
     b3, single_b = _node_features(op, "b", b, a3.device, a3.dtype)
     if single != single_b or a3.shape[1:] != b3.shape[1:]:
@@ -247,17 +256,19 @@ def sddmm(graph, a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> 
         out = ref.sddmm(csr.row, csr.col, a3, b3)
     else:
         out = getattr(torch.ops, _namespace(engine)).sddmm(*csr._kernel_args(), a3, b3)
-    out = csr.to_edge_order(out)
+    out = out if csr_order else csr.to_edge_order(out)
     return out.squeeze(1) if single else out
 
 
-def edge_softmax(graph, scores: torch.Tensor, *, num_targets: int | None = None,
+def edge_softmax(graph, scores: torch.Tensor, *, num_targets: int | None = None, csr_order: bool = False,
                  backend: str = "auto") -> torch.Tensor:
     """Softmax of per-edge ``scores`` (``[E]`` or ``[E, H]``, edge order) over each target's incoming edges.
 
-    A target whose scores are all ``-inf`` gets weights 0 (not NaN).
+    A target whose scores are all ``-inf`` gets weights 0 (not NaN). With ``csr_order=True`` scores and
+    weights are in the CSR's own order.
     """
     op = "pykernels.edge_softmax"
+    _check_csr_order(op, graph, csr_order)
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{op}: scores must be a tensor, got {type(scores).__name__}")
     if isinstance(graph, torch.Tensor) and num_targets is None:
@@ -265,13 +276,13 @@ def edge_softmax(graph, scores: torch.Tensor, *, num_targets: int | None = None,
     csr = _as_graph(op, graph, None if isinstance(graph, CSR) else num_targets, num_targets)
     single = scores.dim() == 1
     s = _edge_values(op, "scores", scores, csr.num_edges, None, csr.device)
-    s = csr.to_csr_order(s)
+    s = s if csr_order else csr.to_csr_order(s)
     engine = _backend.select(op, backend, s.device)
     if engine == "reference":
         out = ref.edge_softmax(csr.row, s, csr.num_rows)
     else:
         out = getattr(torch.ops, _namespace(engine)).edge_softmax(csr.rowptr, s)
-    out = csr.to_edge_order(out)
+    out = out if csr_order else csr.to_edge_order(out)
     return out.squeeze(1) if single else out
 
 

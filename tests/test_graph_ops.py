@@ -72,7 +72,7 @@ def test_spmm_matches_reference(device, engine, dtype, n, e, heads, feats, reduc
 @pytest.mark.parametrize("device,engine", ENGINE_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,e", GRAPHS)
-@pytest.mark.parametrize("heads,feats", [(None, 1), (None, 16), (2, 7)])
+@pytest.mark.parametrize("heads,feats", [(None, 1), (None, 16), (2, 7), (3, 12)])
 def test_sddmm_matches_reference(device, engine, dtype, n, e, heads, feats):
     ei = _graph(n, e, seed=4, device=device)
     shape = (n, feats) if heads is None else (n, heads, feats)
@@ -223,6 +223,30 @@ def test_csr_edge_weight_is_used_and_overridable():
                  torch.float32)
     assert_close(pk.spmm(csr, x, torch.ones(15)), ref.spmm(ei[1], ei[0], 6, x.double(), None, "sum")[0],
                  torch.float32)
+
+
+@pytest.mark.parametrize("device,engine", ENGINE_PARAMS)
+def test_csr_order_skips_the_reordering_and_nothing_else(device, engine):
+    ei = random_graph(9, 40, seed=3, device=device)
+    csr = pk.CSR.from_edge_index(ei, 9)
+    x, a, b = (_rand(9, 2, 5, dtype=torch.float64, device=device, seed=s).requires_grad_() for s in (1, 2, 3))
+    w = _rand(40, 2, dtype=torch.float64, device=device, seed=4).requires_grad_()
+    pairs = [
+        (pk.spmm(csr, x, w, backend=engine), pk.spmm(csr, x, csr.to_csr_order(w), csr_order=True, backend=engine)),
+        (pk.sddmm(csr, a, b, backend=engine),
+         csr.to_edge_order(pk.sddmm(csr, a, b, csr_order=True, backend=engine))),
+        (pk.edge_softmax(csr, w, backend=engine),
+         csr.to_edge_order(pk.edge_softmax(csr, csr.to_csr_order(w), csr_order=True, backend=engine))),
+    ]
+    for edge_order, csr_order in pairs:
+        assert_close(csr_order, edge_order, torch.float64)
+        leaves = (x, a, b, w)
+        for g1, g2 in zip(_grads(edge_order, leaves), _grads(csr_order, leaves)):
+            assert (g1 is None) == (g2 is None)
+            if g1 is not None:
+                assert_close(g2, g1, torch.float64)
+    with pytest.raises(ValueError, match=r"pykernels.sddmm: csr_order=True needs a CSR graph"):
+        pk.sddmm(ei, a, b, csr_order=True)
 
 
 @pytest.mark.parametrize("device,engine", [p for p in ENGINE_PARAMS if p.values[1] != "reference"])

@@ -81,23 +81,32 @@ class GATConv(nn.Module):
             edge_index, edge_attr, keep = self._self_loops(edge_index, edge_attr, n_src, n_dst)
         graph = as_csr(edge_index, n_src, n_dst)
 
-        logit_src = (h_src * self.att_src).sum(-1)
-        logit_dst = (h_dst * self.att_dst).sum(-1) if h_dst is not None else logit_src.new_zeros(n_dst, heads)
+        # Per-node logits as products, not h * att then a sum, which would form another [N, H, C] tensor.
+        if h_dst is h_src:
+            logit_src, logit_dst = torch.einsum("nhc,hck->nhk", h_src,
+                                                torch.stack([self.att_src[0], self.att_dst[0]], -1)).unbind(-1)
+        else:
+            logit_src = torch.einsum("nhc,hc->nh", h_src, self.att_src[0])
+            logit_dst = (torch.einsum("nhc,hc->nh", h_dst, self.att_dst[0]) if h_dst is not None
+                         else logit_src.new_zeros(n_dst, heads))
+        # Per-edge values stay in the CSR's order from here to the SpMM: reordering [E, H] tensors to edge
+        # order and back between the ops would cost more than the SDDMM itself.
         # One SDDMM of [a_d, 1] . [1, a_s] forms a_d[i] + a_s[j] per edge; its backward is an SpMM over the
         # cached transpose instead of the scatter-add that gathering [N, H] logits to edges costs.
         alpha = sddmm(graph, torch.stack([logit_dst, torch.ones_like(logit_dst)], -1),
-                      torch.stack([torch.ones_like(logit_src), logit_src], -1), backend=self.backend)
+                      torch.stack([torch.ones_like(logit_src), logit_src], -1), csr_order=True, backend=self.backend)
         if edge_attr is not None:
             # a_e . (W_e e) per head is e . (W_e^T a_e): fold att_edge into lin_edge, one [D, H] matrix.
             att_edge = self.lin_edge.weight.view(heads, channels, -1) * self.att_edge.view(heads, channels, 1)
-            alpha = alpha + F.linear(edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr, att_edge.sum(1))
+            edge_logit = F.linear(edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr, att_edge.sum(1))
+            alpha = alpha + graph.to_csr_order(edge_logit)
         alpha = F.leaky_relu(alpha, self.negative_slope)
         if keep is not None:
-            alpha = alpha.masked_fill(~keep.unsqueeze(1), float("-inf"))
-        alpha = edge_softmax(graph, alpha, backend=self.backend)
+            alpha = alpha.masked_fill(~keep.index_select(0, graph.perm).unsqueeze(1), float("-inf"))
+        alpha = edge_softmax(graph, alpha, csr_order=True, backend=self.backend)
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
 
-        out = spmm(graph, h_src, alpha, backend=self.backend)
+        out = spmm(graph, h_src, alpha, csr_order=True, backend=self.backend)
         out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
         if res is not None:
             out = out + res
@@ -105,6 +114,7 @@ class GATConv(nn.Module):
             out = out + self.bias
         if not return_attention_weights:
             return out
+        alpha = graph.to_edge_order(alpha)
         if keep is not None:
             return out, (edge_index[:, keep], alpha[keep])
         return out, (edge_index, alpha)
