@@ -42,10 +42,13 @@ TORCH_LIBRARY(pykernels, m) {
   // attention and attention_map in one op (out, lse, map), and the gradients of both outputs in one backward:
   // engines that can share work between them (the CPU engine: one pass when a query's keys fit one tile,
   // one backward) do; the others run the two ops.
-  m.def("attention_with_map(Tensor q, Tensor k, Tensor v, Tensor? bias, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_with_map(Tensor q, Tensor k, Tensor v, Tensor? bias, bool causal, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "attention_with_map_backward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
-      "Tensor grad_out, Tensor grad_map, bool causal, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_out, Tensor grad_map, bool causal, float scale, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // Attention flow. Products are batched: a [batch, m, k], b [batch, k, n] read through their strides (0 on
   // broadcast batch dimensions), outputs contiguous [batch, m, n]; k >= 1.

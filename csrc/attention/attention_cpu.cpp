@@ -197,7 +197,8 @@ class KvSource {
     if (kt_size_) pack_panel(k, b, h, j0, n, p_.d.dqk, p_.bk, head + kb * p_.d.dqk * p_.bk);
     if (k_size_) pack_block(k, b, h, j0, n, p_.d.dqk, p_.dqk_pad, A(1), head + kt_size_ + j0 * p_.dqk_pad);
     if (v_size_) pack_block(v, b, h, j0, n, p_.d.dv, p_.dv_pad, A(1), head + kt_size_ + k_size_ + j0 * p_.dv_pad);
-    if (vt_size_) pack_panel(v, b, h, j0, n, p_.d.dv, p_.bk, head + kt_size_ + k_size_ + v_size_ + kb * p_.d.dv * p_.bk);
+    if (vt_size_)
+      pack_panel(v, b, h, j0, n, p_.d.dv, p_.bk, head + kt_size_ + k_size_ + v_size_ + kb * p_.d.dv * p_.bk);
   }
 
   const Plan& p_;
@@ -355,7 +356,8 @@ struct Recompute {
                   Scratch<A>& w) const {
     probs(t, kv, b, h, w.q.data(), w.s.data());
     grad.fill(t, kv, b, h, w, w.x.data());
-    for (int64_t r = 0; r < t.rows; ++r) cpu::softmax_grad(w.x.data() + r * p.bk, w.s.data() + r * p.bk, corr[r], t.width);
+    for (int64_t r = 0; r < t.rows; ++r)
+      cpu::softmax_grad(w.x.data() + r * p.bk, w.s.data() + r * p.bk, corr[r], t.width);
   }
 };
 
@@ -480,7 +482,8 @@ void query_block_grads(const Recompute<T, A>& c, const Grad& grad, const KvPanel
       cpu::gemm(t.cols, p.dqk_pad, t.rows, w.x.data(), 1, p.bk, w.q.data(), p.dqk_pad, dk_acc + t.k0 * p.dqk_pad,
                 p.dqk_pad, true);
   }
-  for (int64_t r = 0; r < rows.rows; ++r) cpu::store(out.dq(b, h, rows.q0 + r), w.dq.data() + r * p.dqk_pad, c.scale, p.d.dqk);
+  for (int64_t r = 0; r < rows.rows; ++r)
+    cpu::store(out.dq(b, h, rows.q0 + r), w.dq.data() + r * p.dqk_pad, c.scale, p.d.dqk);
 }
 
 // Stores keys [k0, k0 + n) of kv head (b, hkv) from accumulators whose row 0 is key k0.

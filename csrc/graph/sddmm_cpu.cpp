@@ -31,8 +31,8 @@ inline void row_dots_impl(const T* __restrict a, const T* __restrict b, const in
         for (int64_t l = 0; l < kLanes; ++l) lanes[l] += cpu::to_acc(x[f + l]) * cpu::to_acc(y[f + l]);
       A s = 0;
       for (; f < feats; ++f) s += cpu::to_acc(x[f]) * cpu::to_acc(y[f]);
-      out[e * heads + h] =
-          static_cast<T>(s + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+      const A sum = (lanes[0] + lanes[4]) + (lanes[1] + lanes[5]) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      out[e * heads + h] = static_cast<T>(s + sum);
     }
   }
 }
