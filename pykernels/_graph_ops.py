@@ -96,14 +96,20 @@ def _make_spmm_autograd(ns):
                                                    need_w)
             grad_w = gw if need_w else None
             return None, None, None, None, None, grad_w, grad_x, None
+        inv_deg = None
         if ctx.reduce == "mean":
-            deg = (rowptr[1:] - rowptr[:-1]).clamp(min=1).to(grad_out.dtype)
-            grad_out = grad_out / deg.view(-1, 1, 1)
+            inv_deg = (rowptr[1:] - rowptr[:-1]).clamp(min=1).to(grad_out.dtype).reciprocal()
         if need_x:
             w_t = weight.index_select(0, perm_t) if weight is not None else None
+            if inv_deg is not None:
+                # The mean's 1/deg(target) rides on the transpose's edge weights ([E, H]), which costs
+                # far less than dividing the [N, H, F] gradient.
+                scale_t = inv_deg.index_select(0, col_t).unsqueeze(1)
+                w_t = scale_t.expand(-1, grad_out.size(1)).contiguous() if w_t is None else w_t * scale_t
             grad_x, _ = ops(ns).spmm(rowptr_t, col_t, None, None, None, w_t, grad_out, "sum")
         if need_w:
-            grad_w = ops(ns).sddmm(rowptr, col, None, None, None, grad_out, x)
+            g = grad_out * inv_deg.view(-1, 1, 1) if inv_deg is not None else grad_out
+            grad_w = ops(ns).sddmm(rowptr, col, None, None, None, g, x)
         return None, None, None, None, None, grad_w, grad_x, None
 
     return setup, backward

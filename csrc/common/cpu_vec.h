@@ -101,6 +101,15 @@ struct Vec {
   typedef A unaligned __attribute__((vector_size(kBytes), aligned(sizeof(A)), may_alias));
 };
 
+// Requests the first bytes of a row that a loop reads a few iterations later (up to 1 KiB, in cache lines).
+// Gathers of rows named by an index array wait on memory; the hardware prefetchers follow sequential
+// streams only, and once a row has started they fetch the rest of it themselves.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  constexpr int64_t kLine = 64, kMaxBytes = 1024;
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes && offset < kMaxBytes; offset += kLine) __builtin_prefetch(p + offset);
+}
+
 // Score tiles are padded to the widest vector, gemm widths (head dims) to 32 bytes, so 40 floats pad
 // to 48 and not to 64.
 template <typename A>

@@ -20,7 +20,7 @@ inline void row_dots_impl(const T* __restrict a, const T* __restrict b, const in
   constexpr int64_t kLanes = 8, kPrefetch = 4;
   const int64_t hf = heads * feats;
   for (int64_t e = 0; e < n; ++e) {
-    if (e + kPrefetch < n) __builtin_prefetch(b + cols[e + kPrefetch] * hf);
+    if (e + kPrefetch < n) cpu::prefetch_row(b + cols[e + kPrefetch] * hf, hf * sizeof(T));
     const T* bj = b + cols[e] * hf;
     for (int64_t h = 0; h < heads; ++h) {
       const T* x = a + h * feats;

@@ -13,6 +13,10 @@
 namespace pk {
 namespace {
 
+// How many edges ahead the gathers prefetch their source rows: enough to cover a memory latency with
+// the work of a few rows, few enough that the lines are still cached when used.
+constexpr int64_t kPrefetchEdges = 8;
+
 template <typename T>
 void spmm_sum_rows(const int64_t* rowptr, const int64_t* col, const T* weight, const T* x, T* out,
                    int64_t num_rows, int64_t heads, int64_t feats, bool mean) {
@@ -21,9 +25,11 @@ void spmm_sum_rows(const int64_t* rowptr, const int64_t* col, const T* weight, c
   const int64_t avg_deg = std::max<int64_t>(1, num_rows ? rowptr[num_rows] / num_rows : 1);
   at::parallel_for(0, num_rows, grain_for(num_rows, avg_deg * hf), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(hf);
+    const int64_t last_edge = rowptr[end];
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        if (e + kPrefetchEdges < last_edge) cpu::prefetch_row(x + col[e + kPrefetchEdges] * hf, hf * sizeof(T));
         const T* xj = x + col[e] * hf;
         for (int64_t h = 0; h < heads; ++h) {
           const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
@@ -75,6 +81,7 @@ void spmm_arg_rows(const int64_t* rowptr, const int64_t* col, const T* weight, c
   at::parallel_for(0, num_rows, grain_for(num_rows, avg_deg * hf), [&](int64_t begin, int64_t end) {
     std::vector<A> best(hf);
     std::vector<int32_t> local(hf);
+    const int64_t last_edge = rowptr[end];
     for (int64_t i = begin; i < end; ++i) {
       int64_t* arg_i = arg + i * hf;
       T* out_i = out + i * hf;
@@ -92,6 +99,7 @@ void spmm_arg_rows(const int64_t* rowptr, const int64_t* col, const T* weight, c
       }
       std::fill(local.begin(), local.end(), 0);
       for (int64_t e = e0 + 1; e < rowptr[i + 1]; ++e) {
+        if (e + kPrefetchEdges < last_edge) cpu::prefetch_row(x + col[e + kPrefetchEdges] * hf, hf * sizeof(T));
         const T* xj = x + col[e] * hf;
         for (int64_t h = 0; h < heads; ++h) {
           const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
