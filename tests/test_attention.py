@@ -193,13 +193,13 @@ def test_cpu_long_key_ranges(nk):
         assert_close(a, b, torch.float32, scale=16, msg=name)
 
 
-@pytest.mark.parametrize("nk", [77, 300])
+@pytest.mark.parametrize("nq,nk", [(70, 77), (70, 300), (5, 8300)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_with_map_matches_the_two_ops(nk, causal):
-    # 77 keys fit one tile (one fused pass), 300 do not (forward, then the map kernel); the backward of both
-    # outputs together must equal the sum of the two ops' backwards.
+def test_cpu_attention_with_map_matches_the_two_ops(nq, nk, causal):
+    # Up to 8192 float64 keys a query block's scores fit one strip (one fused pass); 8300 do not (forward,
+    # then the map kernel). The backward of both outputs together must equal the sum of the two ops'.
     ns = torch.ops.pykernels
-    q, k, v, bias = _inputs((2, 4, 2, 70, nk, 40, 24), torch.float64, "cpu", bias="full", requires_grad=False)
+    q, k, v, bias = _inputs((2, 4, 2, nq, nk, 40, 24), torch.float64, "cpu", bias="full", requires_grad=False)
     out, lse, attn_mean = ns.attention_with_map(q, k, v, bias, causal, 0.2)
     out2, lse2 = ns.attention(q, k, v, bias, causal, 0.2)
     assert_close(out, out2, torch.float64)

@@ -711,10 +711,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_map_backward_cpu(
 
 // ----------------------------------------------------------------------------------- attention with map
 
-// Output and head-mean map in one pass when every query sees a single key block (cross-attention to 77 text
-// tokens, temporal attention over 16 frames): the block's softmax is final after the forward's, so the map
-// sums the forward's own probabilities instead of recomputing them from the lse. Tasks are (b, query
-// block) and run every head.
+// Output and head-mean map in one pass: a task (b, query block) computes, head by head, the scores of its
+// queries against every key they see as one strip of kBlockQ x Nk, takes the softmax over whole rows, and
+// sums those probabilities into the map, instead of a second kernel recomputing q k^T from the lse (one
+// tile product and one exponential per score fewer). The strips, scores and map, take kBlockQ x Nk values
+// each per thread, so this path serves key counts up to kMaxStripBytes; longer ones go through the flash
+// forward and the map kernel.
+constexpr int64_t kMaxStripBytes = int64_t(4) << 20;
+
+template <typename A>
+bool strip_fits(const Plan& p) {
+  return p.k_blocks >= 1 && kBlockQ * p.k_blocks * p.bk * int64_t(sizeof(A)) <= kMaxStripBytes;
+}
+
 template <typename T, typename A>
 void forward_with_map_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& bias_t, A scale, const at::Tensor& out,
@@ -724,36 +733,52 @@ void forward_with_map_kernel(const Plan& p, const at::Tensor& q, const at::Tenso
   const Rows<T> out_rows(out);
   const Strided<T> bias(bias_t);
   A* lse_data = lse.data_ptr<A>();
-  const int64_t H = p.d.heads;
+  const int64_t H = p.d.heads, strip = p.k_blocks * p.bk;  // strip: row stride of the score and map strips
   const A inv_heads = A(1) / A(std::max<int64_t>(H, 1));
-  struct MapForwardScratch {
-    ForwardScratch<A> f;
-    std::vector<A> map;
+  struct Strips {
+    std::vector<A> q, s, acc, inv_sum, map;
   };
-  const auto make_scratch = [&] { return MapForwardScratch{ForwardScratch<A>(p), std::vector<A>(kBlockQ * p.bk)}; };
+  const auto make_scratch = [&] {
+    return Strips{std::vector<A>(kBlockQ * p.dqk_pad), std::vector<A>(kBlockQ * strip),
+                  std::vector<A>(kBlockQ * p.dv_pad), std::vector<A>(kBlockQ), std::vector<A>(kBlockQ * strip)};
+  };
   // With one query block a task is the only reader of its heads, so per-thread panels serve them.
   for_each_task(kv, q, p.d.batch * p.q_blocks, p.q_blocks == 1, make_scratch,
-                [&](int64_t task, const auto& kv_panels, MapForwardScratch& scratch) {
-    ForwardScratch<A>& w = scratch.f;
+                [&](int64_t task, const auto& kv_panels, Strips& w) {
     const int64_t b = task / p.q_blocks, qb = zigzag(task % p.q_blocks, p.q_blocks);
-    const Tile t = p.tile(qb, 0);
-    std::fill(scratch.map.begin(), scratch.map.end(), A(0));
+    const Tile rows = p.tile(qb, 0), last = p.tile(qb, p.k_end(qb) - 1);
+    const int64_t width = last.k0 + last.width;  // strip columns holding scores; the rest stay out
+    std::fill(w.map.begin(), w.map.end(), A(0));
     for (int64_t h = 0; h < H; ++h) {
-      const KvPanels<A> panels = kv_panels(p.kv_row(b, h));
-      pack_block(q_rows, b, h, t.q0, t.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
-      std::fill(w.acc.begin(), w.acc.begin() + t.rows * p.dv_pad, A(0));
-      std::fill(w.state.begin(), w.state.end(), OnlineSoftmax<A>{});
-      tile_scores(p, t, panels, w.q.data(), w.s.data());
-      forward_tile(p, t, bias, b, h, w.s.data(), w.state.data(), w.acc.data(), panels.v);
-      for (int64_t r = 0; r < t.rows; ++r) {
-        const A inv_sum = w.state[r].inv_sum();
-        cpu::store(out_rows(b, h, t.q0 + r), w.acc.data() + r * p.dv_pad, inv_sum, p.d.dv);
-        lse_data[(b * H + h) * p.d.nq + t.q0 + r] = w.state[r].lse();
-        cpu::axpy(scratch.map.data() + r * p.bk, inv_sum, w.s.data() + r * p.bk, t.width);
+      const KvPanels<A> kvh = kv_panels(p.kv_row(b, h));
+      pack_block(q_rows, b, h, rows.q0, rows.rows, p.d.dqk, p.dqk_pad, scale, w.q.data());
+      for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
+        const Tile t = p.tile(qb, kb);
+        cpu::gemm(t.rows, t.width, p.d.dqk, w.q.data(), p.dqk_pad, 1, kvh.kt + kb * p.d.dqk * p.bk, p.bk,
+                  w.s.data() + t.k0, strip, false);
+        for (int64_t r = 0; r < t.rows; ++r)
+          finish_scores(w.s.data() + r * strip + t.k0, t.visible(r, p.causal), t.width,
+                        bias.row(b, h, t.q0 + r, t.k0), bias.s3);
+      }
+      std::fill(w.acc.begin(), w.acc.end(), A(0));
+      for (int64_t r = 0; r < rows.rows; ++r) {
+        OnlineSoftmax<A> row_softmax;
+        flash::fold_row(w.s.data() + r * strip, width, row_softmax, w.acc.data() + r * p.dv_pad, p.dv_pad);
+        lse_data[(b * H + h) * p.d.nq + rows.q0 + r] = row_softmax.lse();
+        w.inv_sum[r] = row_softmax.inv_sum();
+      }
+      for (int64_t kb = 0; kb < p.k_end(qb); ++kb) {
+        const Tile t = p.tile(qb, kb);
+        cpu::gemm(t.rows, p.dv_pad, t.cols, w.s.data() + t.k0, strip, 1, kvh.v + t.k0 * p.dv_pad, p.dv_pad,
+                  w.acc.data(), p.dv_pad, true);
+      }
+      for (int64_t r = 0; r < rows.rows; ++r) {
+        cpu::store(out_rows(b, h, rows.q0 + r), w.acc.data() + r * p.dv_pad, w.inv_sum[r], p.d.dv);
+        cpu::axpy(w.map.data() + r * strip, w.inv_sum[r], w.s.data() + r * strip, width);
       }
     }
-    for (int64_t r = 0; r < t.rows; ++r)
-      cpu::store(map + (b * p.d.nq + t.q0 + r) * p.d.nk, scratch.map.data() + r * p.bk, inv_heads, t.cols);
+    for (int64_t r = 0; r < rows.rows; ++r)
+      cpu::store(map + (b * p.d.nq + rows.q0 + r) * p.d.nk, w.map.data() + r * strip, inv_heads, p.d.nk);
   });
 }
 
@@ -769,7 +794,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_map_cpu(const at::
     using T = scalar_t;
     using A = cpu::acc_t<T>;
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    if (p.k_blocks == 1) {
+    if (strip_fits<A>(p)) {
       forward_with_map_kernel<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse, map.data_ptr<T>());
       return;
     }
