@@ -142,6 +142,24 @@ std::tuple<at::Tensor, at::Tensor> spmm_cpu(const at::Tensor& rowptr, const at::
   return {out, arg};
 }
 
+// acc[0:n] += w * g[0:n] where arg[f] == e: the gradient of the elements edge e won. A select rather than a
+// branch, so that it vectorises; a gradient the edge did not win never enters, not even as 0 * inf.
+template <typename A, typename G>
+inline void won_axpy_impl(A* __restrict acc, const int64_t* __restrict arg, int64_t e, A w, const G* __restrict g,
+                          int64_t n) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += arg[f] == e ? w * static_cast<A>(g[f]) : A(0);
+}
+PK_CPU_CLONES void won_axpy(float* acc, const int64_t* arg, int64_t e, float w, const float* g, int64_t n) {
+  won_axpy_impl(acc, arg, e, w, g, n);
+}
+PK_CPU_CLONES void won_axpy(double* acc, const int64_t* arg, int64_t e, double w, const double* g, int64_t n) {
+  won_axpy_impl(acc, arg, e, w, g, n);
+}
+template <typename G>
+void won_axpy(float* acc, const int64_t* arg, int64_t e, float w, const G* g, int64_t n) {
+  won_axpy_impl(acc, arg, e, w, g, n);
+}
+
 // grad_x walks the transpose (source-major) so each thread owns whole source rows: atomic-free and
 // deterministic. grad_weight walks target rows, whose edges belong to that row alone.
 template <typename T>
@@ -154,16 +172,21 @@ void spmm_arg_backward_impl(const int64_t* rowptr, const int64_t* col, const int
   const int64_t avg_deg = std::max<int64_t>(1, num_cols ? rowptr_t[num_cols] / num_cols : 1);
   at::parallel_for(0, num_cols, grain_for(num_cols, avg_deg * hf), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(hf);
+    const int64_t last = rowptr_t[end];
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t t = rowptr_t[j]; t < rowptr_t[j + 1]; ++t) {
+        if (t + kPrefetchEdges < last) {
+          const int64_t ahead = col_t[t + kPrefetchEdges] * hf;
+          cpu::prefetch_row(arg + ahead, hf * sizeof(int64_t));
+          cpu::prefetch_row(grad + ahead, hf * sizeof(T));
+        }
         const int64_t i = col_t[t], e = perm_t[t];
         const int64_t* arg_i = arg + i * hf;
         const T* g_i = grad + i * hf;
         for (int64_t h = 0; h < heads; ++h) {
           const A w = weight ? cpu::to_acc(weight[e * heads + h]) : A(1);
-          for (int64_t f = h * feats; f < (h + 1) * feats; ++f)
-            if (arg_i[f] == e) acc[f] += w * cpu::to_acc(g_i[f]);
+          won_axpy(acc.data() + h * feats, arg_i + h * feats, e, w, g_i + h * feats, feats);
         }
       }
       cpu::store(grad_x + j * hf, acc.data(), A(1), hf);
