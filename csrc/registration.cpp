@@ -8,6 +8,10 @@ TORCH_LIBRARY(pykernels, m) {
   // (rowptr_t, col_t, perm_t: source-major, perm_t mapping to CSR positions), which only their backward
   // reads; it may be None where no gradient is needed.
   m.def("coo_to_csr(Tensor row, Tensor col, int num_rows, int num_cols, str context) -> (Tensor, Tensor, Tensor)");
+  // Turns the CSR positions that a max/min spmm reports (arg, -1 for an empty row) into col[arg] in place,
+  // `empty` for -1: scatter's positions in its source. In place because the [rows, F] int64 result is
+  // larger than what the reduction reads.
+  m.def("arg_to_source_(Tensor(a!) arg, Tensor col, int empty) -> ()");
   m.def("spmm(Tensor rowptr, Tensor col, Tensor? rowptr_t, Tensor? col_t, Tensor? perm_t, Tensor? weight, Tensor x, str reduce) -> (Tensor, Tensor)");
   m.def(
       "spmm_arg_backward(Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor perm_t, Tensor? weight, "

@@ -11,7 +11,7 @@ import torch
 
 from ._registry import NAMESPACES, define_triton_twins, lse_dtype as _lse_dtype, ops
 
-GRAPH_OPS = ("coo_to_csr", "spmm", "spmm_arg_backward", "sddmm", "edge_softmax", "edge_softmax_backward",
+GRAPH_OPS = ("coo_to_csr", "arg_to_source_", "spmm", "spmm_arg_backward", "sddmm", "edge_softmax", "edge_softmax_backward",
              "graph_attention", "graph_attention_backward")
 
 define_triton_twins("graph", GRAPH_OPS)
@@ -25,6 +25,10 @@ def _fake_coo_to_csr(row, col, num_rows, num_cols, context):
                  lambda: f"{context}: row and col must be 1-D of equal length")
     return (row.new_empty(num_rows + 1, dtype=torch.long), row.new_empty(row.numel(), dtype=torch.long),
             row.new_empty(row.numel(), dtype=torch.long))
+
+
+def _fake_arg_to_source_(arg, col, empty):
+    return None
 
 
 def _fake_spmm(rowptr, col, rowptr_t, col_t, perm_t, weight, x, reduce):

@@ -379,10 +379,12 @@ def scatter(src: torch.Tensor, index: torch.Tensor, dim: int = 0, dim_size: int 
         out, arg = getattr(torch.ops, _namespace(engine)).spmm(rowptr, col, rowptr_t, col_t, perm_t, None,
                                                                flat.contiguous(), reduce)
         if reduce in ("max", "min"):
-            # arg holds CSR positions (-1 for empty groups); col maps them to positions in src, and the
-            # appended entry maps empty groups to src.size(dim).
-            col_ext = torch.cat([col, col.new_full((1,), index.numel())])
-            arg = col_ext.index_select(0, torch.where(arg >= 0, arg, index.numel()).flatten()).view_as(arg)
+            # arg holds CSR positions (-1 for empty groups); col maps them to positions in src, and empty
+            # groups get src.size(dim). In place: a [dim_size, F] int64 copy costs more than the reduction
+            # reads. The spmm backward keeps arg when it differentiates; the positions are then a copy.
+            if needs_t:
+                arg = arg.clone()
+            ns.arg_to_source_(arg, col, index.numel())
     out = out.reshape((dim_size,) + rest).movedim(0, dim)
     if reduce in ("sum", "mean"):
         return out

@@ -323,6 +323,7 @@ def test_opcheck_backward_ops(namespace):
     w = torch.randn(24, 2, dtype=torch.float64)
     out, arg = ns.spmm(*args, w, x, "max")
     torch.library.opcheck(ns.spmm_arg_backward.default, args + (w, arg, torch.randn_like(out), x, True))
+    torch.library.opcheck(ns.arg_to_source_.default, (arg.clone(), csr.col, 99))
     p = ns.edge_softmax(csr.rowptr, w)
     torch.library.opcheck(ns.edge_softmax_backward.default, (csr.rowptr, p, torch.randn_like(p)))
     q = torch.randn(7, 2, 4, dtype=torch.float64)
@@ -434,6 +435,18 @@ def test_unavailable_engine_is_a_clear_error():
         pytest.skip("CUDA present")
     with pytest.raises(RuntimeError, match=r"pykernels.spmm: backend='cuda' is not available"):
         pk.spmm(torch.tensor([[0], [0]]), torch.ones(1, 2), backend="cuda")
+
+
+def test_arg_to_source_maps_csr_positions_and_rejects_out_of_range_ones():
+    col = torch.tensor([4, 2, 7])
+    arg = torch.tensor([[2, -1], [0, 1]])
+    torch.ops.pykernels.arg_to_source_(arg, col, 9)
+    assert arg.tolist() == [[7, 9], [4, 2]]
+    with pytest.raises(IndexError, match=r"pykernels.arg_to_source_: arg holds 3 at flat position 1, out of range "
+                                         r"for 3 CSR positions"):
+        torch.ops.pykernels.arg_to_source_(torch.tensor([0, 3]), col, 9)
+    with pytest.raises(RuntimeError, match=r"arg and col must be int64"):
+        torch.ops.pykernels.arg_to_source_(torch.tensor([0], dtype=torch.int32), col, 9)
 
 
 def test_direct_kernel_calls_are_checked():

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "graph/graph_checks.h"
 
 namespace pk {
@@ -53,8 +55,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cpu(const at::Tensor& 
   return {rowptr, col_out, perm};
 }
 
+void arg_to_source_cpu(at::Tensor& arg, const at::Tensor& col, int64_t empty) {
+  constexpr const char* op = "pykernels.arg_to_source_";
+  check_arg_to_source(op, arg, col);
+  int64_t* a = arg.data_ptr<int64_t>();
+  const int64_t* c = col.data_ptr<int64_t>();
+  const int64_t n = arg.numel(), num_edges = col.numel();
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      const int64_t e = a[f];
+      if (e < -1 || e >= num_edges) {
+        bad.store(f);
+        continue;
+      }
+      a[f] = e < 0 ? empty : c[e];
+    }
+  });
+  TORCH_CHECK_INDEX(bad.load() < 0, op, ": arg holds ", bad.load() < 0 ? 0 : a[bad.load()], " at flat position ",
+                    bad.load(), ", out of range for ", num_edges, " CSR positions");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CPU, m) { m.impl("coo_to_csr", &coo_to_csr_cpu); }
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("coo_to_csr", &coo_to_csr_cpu);
+  m.impl("arg_to_source_", &arg_to_source_cpu);
+}
 
 }  // namespace pk

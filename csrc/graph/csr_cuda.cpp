@@ -54,8 +54,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor&
   return {rowptr, col_out, perm};
 }
 
+// Device memory is cached by the allocator, so plain ATen ops serve here; arg comes from this library's own
+// spmm, so its values are in range.
+void arg_to_source_cuda(at::Tensor& arg, const at::Tensor& col, int64_t empty) {
+  check_arg_to_source("pykernels.arg_to_source_", arg, col);
+  const c10::cuda::CUDAGuard guard(arg.device());
+  const at::Tensor flat = arg.view({-1});
+  flat.copy_(at::where(flat >= 0, col.index_select(0, flat.clamp_min(0)), empty));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) { m.impl("coo_to_csr", &coo_to_csr_cuda); }
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("coo_to_csr", &coo_to_csr_cuda);
+  m.impl("arg_to_source_", &arg_to_source_cuda);
+}
 
 }  // namespace pk

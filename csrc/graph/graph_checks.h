@@ -23,6 +23,14 @@ inline void check_coo(const std::string& ctx, const at::Tensor& row, const at::T
   PK_CHECK_SAME_DEVICE(ctx, "col", col, row);
 }
 
+inline void check_arg_to_source(const char* op, const at::Tensor& arg, const at::Tensor& col) {
+  TORCH_CHECK(arg.scalar_type() == at::kLong && col.scalar_type() == at::kLong, op,
+              ": arg and col must be int64, got ", arg.scalar_type(), " and ", col.scalar_type());
+  TORCH_CHECK(arg.is_contiguous() && col.dim() == 1 && col.is_contiguous(), op,
+              ": arg must be contiguous and col 1-D contiguous");
+  TORCH_CHECK(arg.device() == col.device(), op, ": arg is on ", arg.device(), ", col on ", col.device());
+}
+
 inline void check_csr(const char* op, const at::Tensor& rowptr, const at::Tensor& col) {
   PK_CHECK_INDEX_TENSOR(op, "rowptr", rowptr);
   PK_CHECK_INDEX_TENSOR(op, "col", col);

@@ -119,17 +119,30 @@ def _scatter_cases(spec, device, get):
             data["src"] = data["x"].index_select(0, data["ei"][0])
         return data["src"]
 
+    def reduce_values(kind):
+        return torch.zeros(spec.nodes, spec.feats, device=device).scatter_reduce(
+            0, get()["ei"][1].unsqueeze(1).expand(-1, spec.feats), src(), kind, include_self=False)
+
+    def max_with_indices():
+        """torch_scatter's scatter_max in plain torch: the maxima, then the first position holding each."""
+        index = get()["ei"][1].unsqueeze(1).expand(-1, spec.feats)
+        values = reduce_values("amax")
+        positions = torch.arange(spec.edges, device=device).unsqueeze(1)
+        holds = src() == values.gather(0, index)
+        first = torch.full((spec.nodes, spec.feats), spec.edges, device=device).scatter_reduce(
+            0, index, torch.where(holds, positions, spec.edges), "amin")
+        return values, first
+
     cases = []
     for reduce in ("sum", "max"):
-        providers = {
-            "pykernels": lambda r=reduce: pk.scatter(src(), get()["ei"][1], 0, spec.nodes, r),
-            "torch scatter_reduce": lambda r=reduce: torch.zeros(spec.nodes, spec.feats, device=device).scatter_reduce(
-                0, get()["ei"][1].unsqueeze(1).expand(-1, spec.feats), src(), "sum" if r == "sum" else "amax",
-                include_self=False),
-        }
+        providers = {"pykernels": lambda r=reduce: pk.scatter(src(), get()["ei"][1], 0, spec.nodes, r)}
         if reduce == "sum":
+            providers["torch scatter_reduce"] = lambda: reduce_values("sum")
             providers["torch index_add_"] = lambda: torch.zeros(spec.nodes, spec.feats, device=device).index_add_(
                 0, get()["ei"][1], src())
+        else:
+            providers["torch scatter_reduce + first index of the max"] = max_with_indices
+            providers["torch scatter_reduce (values only)"] = lambda: reduce_values("amax")
         cases.append(Case(FAMILY, f"scatter {reduce} · {spec.label}", "fwd", providers,
                           spec.edges * (spec.feats * 4 + 8) + spec.nodes * spec.feats * 4))
     return cases

@@ -80,6 +80,12 @@ def coo_to_csr(row, col, num_rows, num_cols, context):
     return rowptr, col.index_select(0, perm), perm
 
 
+def arg_to_source_(arg, col, empty):
+    """arg = col[arg] in place, ``empty`` where arg is -1 (an empty row)."""
+    flat = arg.view(-1)
+    flat.copy_(torch.where(flat >= 0, col.index_select(0, flat.clamp(min=0)), empty))
+
+
 # ------------------------------------------------------------------------------------------------ SpMM
 
 
