@@ -45,14 +45,22 @@ class SAGEConv(nn.Module):
             x_src = self.lin(x_src).relu()
         graph = as_csr(edge_index, x_src.size(0), x_src.size(0) if x_dst is None else x_dst.size(0))
         reduce = _AGGRS[self.aggr]
+        root = None
         if reduce in ("sum", "mean") and self.out_channels < x_src.size(-1):
-            out = spmm(graph, F.linear(x_src, self.lin_l.weight), edge_weight, reduce, backend=self.backend)
+            # Project first (the aggregation then moves out_channels per edge). When the root term reads the
+            # same nodes, both projections are one product: x is read once and its gradient is one product.
+            if self.lin_r is not None and x_dst is x_src:
+                both = F.linear(x_src, torch.cat([self.lin_l.weight, self.lin_r.weight]))
+                projected, root = both.split(self.out_channels, dim=-1)
+            else:
+                projected = F.linear(x_src, self.lin_l.weight)
+            out = spmm(graph, projected, edge_weight, reduce, backend=self.backend)
             if self.lin_l.bias is not None:
                 out = out + self.lin_l.bias
         else:
             out = self.lin_l(spmm(graph, x_src, edge_weight, reduce, backend=self.backend))
         if self.lin_r is not None and x_dst is not None:
-            out = out + self.lin_r(x_dst)
+            out = out + (root if root is not None else self.lin_r(x_dst))
         return F.normalize(out, p=2.0, dim=-1) if self.normalize else out
 
     def __repr__(self) -> str:

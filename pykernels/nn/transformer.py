@@ -49,9 +49,7 @@ class TransformerConv(nn.Module):
             raise ValueError("TransformerConv: pass edge_attr exactly when the layer was built with edge_dim")
         heads, channels = self.heads, self.out_channels
         x_src, x_dst = pair(x)
-        query = self.lin_query(x_dst).view(-1, heads, channels)
-        key = self.lin_key(x_src).view(-1, heads, channels)
-        value = self.lin_value(x_src).view(-1, heads, channels)
+        query, key, value, x_r = self._project(x_src, x_dst)
         graph = as_csr(edge_index, x_src.size(0), x_dst.size(0))
         want_alpha = isinstance(return_attention_weights, bool)
         scale = channels ** -0.5
@@ -75,13 +73,28 @@ class TransformerConv(nn.Module):
 
         out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
         if self.root_weight:
-            x_r = self.lin_skip(x_dst)
             if self.lin_beta is not None:
                 beta = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
                 out = beta * x_r + (1 - beta) * out
             else:
                 out = out + x_r
         return (out, (edge_index, alpha)) if want_alpha else out
+
+    def _project(self, x_src, x_dst):
+        """Queries, keys, values ``[N, H, C]`` and the skip term (None without root_weight)."""
+        heads, channels = self.heads, self.out_channels
+        lins = [self.lin_query, self.lin_key, self.lin_value] + ([self.lin_skip] if self.root_weight else [])
+        if x_src is not x_dst:
+            query, key, value = (lin(x).view(-1, heads, channels)
+                                 for lin, x in zip(lins, (x_dst, x_src, x_src)))
+            return query, key, value, self.lin_skip(x_dst) if self.root_weight else None
+        # The same nodes feed every projection: one product reads x once, and x's gradient is one product
+        # instead of a sum of four.
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = torch.cat([lin.bias for lin in lins]) if self.lin_query.bias is not None else None
+        parts = F.linear(x_src, weight, bias).split([lin.out_features for lin in lins], dim=-1)
+        query, key, value = (part.reshape(-1, heads, channels) for part in parts[:3])
+        return query, key, value, parts[3] if self.root_weight else None
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads})"
