@@ -47,6 +47,12 @@ def test_graph_bench_spmm_cases_compute_their_named_reduction():
             torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=f"{case.name} [{case.mode}] {name}")
 
 
+def test_runner_runs_only_the_matching_cases(monkeypatch):
+    monkeypatch.setattr(graph_bench, "SPECS", TINY)
+    rows = run_family("graph", torch.device("cpu"), quick=True, min_run_time=0.001, match=["spmm max"])
+    assert rows and {r["case"].split(" · ")[0] for r in rows} == {"spmm max"}
+
+
 def test_runner_reports_speedups(monkeypatch):
     monkeypatch.setattr(graph_bench, "SPECS", TINY)
     rows = run_family("graph", torch.device("cpu"), quick=True, min_run_time=0.001)

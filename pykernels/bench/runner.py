@@ -21,6 +21,8 @@ FAMILIES = ("graph", "attention", "flow", "window")
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes only (minutes on a laptop CPU)")
     parser.add_argument("--only", choices=FAMILIES, action="append", help="run only this family (repeatable)")
+    parser.add_argument("--match", action="append",
+                        help="run only the cases whose name contains this text (repeatable; e.g. 4096×4096)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output-dir", default="benchmarks/results", help="where the .md report and plots go")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
@@ -88,9 +90,10 @@ def _measure(fn, device, min_run_time):
             torch.cuda.empty_cache()
 
 
-def run_family(name: str, device: torch.device, quick: bool, min_run_time: float) -> list[dict]:
+def run_family(name: str, device: torch.device, quick: bool, min_run_time: float,
+               match: list[str] | None = None) -> list[dict]:
     family = _load_family(name)
-    cases = family.cases(device, quick)
+    cases = [c for c in family.cases(device, quick) if not match or any(text in c.name for text in match)]
     progress = _Progress(sum(len(c.providers) for c in cases), name)
     rows = []
     for case in cases:
@@ -182,7 +185,7 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     body = []
     for family in families:
-        rows = run_family(family, device, args.quick, min_run_time)
+        rows = run_family(family, device, args.quick, min_run_time, args.match)
         table = markdown_table(rows)
         print(f"\n## {family}\n\n{table}\n", flush=True)
         body += [f"## {family}", "", table, ""]
@@ -191,8 +194,9 @@ def run(args) -> int:
             if plot_family(rows, family, name, png):
                 body += [f"![{family} speed-ups]({png.name})", ""]
                 print(f"plot: {png}")
-    # A partial run (--only) gets its own file, so it never replaces the full report.
-    suffix = "".join(f"-{family}" for family in args.only) if args.only else ""
+    # A partial run (--only, --match) gets its own file, so it never replaces the full report.
+    suffix = "".join(f"-{family}" for family in args.only or [])
+    suffix += "".join(f"-{_slug(text)}" for text in args.match or [])
     report = out_dir / f"{_slug(name)}{suffix}.md"
     report.write_text("\n".join(header + body + [f"_total benchmark time: {time.time() - started:.0f} s_", ""]))
     print(f"report: {report}")
