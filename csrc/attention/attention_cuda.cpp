@@ -7,32 +7,12 @@
 #include <algorithm>
 
 #include "attention/attention_checks.h"
-#include "attention/attention_cuda.h"
-#include "common/cuda_launch.h"
+#include "attention/attention_launch.h"
 
 namespace pk {
 namespace {
 
 namespace attn = cuda::attn;
-
-void check_head_dims(const char* op, const AttentionDims& d) {
-  TORCH_CHECK(d.dqk <= attn::kMaxHeadDim && d.dv <= attn::kMaxHeadDim, op, ": the CUDA engine supports head dims up to ",
-              attn::kMaxHeadDim, ", got D = ", d.dqk, " and Dv = ", d.dv);
-}
-
-void check_launch(const char* op, cudaError_t err, const at::Tensor& q, const AttentionDims& d) {
-  TORCH_CHECK(err != cudaErrorLaunchOutOfResources, op, ": head dim ", std::max(d.dqk, d.dv), " in ",
-              q.scalar_type(), " needs more shared memory per block than ", q.device(), " offers");
-  C10_CUDA_CHECK(err);
-}
-
-template <typename S>
-using cuda_t = cuda::cuda_scalar_t<S>;
-
-template <typename S, typename P = cuda_t<S>>
-attn::Rows<P> rows(const at::Tensor& t) {
-  return {cuda::data<S>(t), t.stride(0), t.stride(1), t.stride(2)};
-}
 
 template <typename S>
 attn::Scores<cuda_t<S>> bias_scores(const std::optional<at::Tensor>& bias) {
@@ -48,11 +28,6 @@ attn::Inputs<cuda_t<S>> inputs(const AttentionDims& d, const at::Tensor& q, cons
   return {rows<S, const T>(q), rows<S, const T>(k), v ? rows<S, const T>(*v) : attn::Rows<const T>{},
           bias_scores<S>(bias), d.batch, d.heads, d.kv_heads, d.nq, d.nk, d.dqk, d.dv,
           static_cast<attn::acc_t<T>>(scale), causal, cuda::current_stream()};
-}
-
-template <typename S>
-attn::acc_t<cuda_t<S>>* acc_data(const at::Tensor& t) {
-  return t.data_ptr<attn::acc_t<cuda_t<S>>>();
 }
 
 // The bias gradient as the kernels write it: contiguous [B, H, Nq, Nk], or an empty tensor when not asked for.

@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "common/cuda_launch.h"
+#include "attention/attention_launch.h"
 #include "window/neighborhood_checks.h"
 #include "window/window_cuda.h"
 
@@ -12,25 +12,6 @@ namespace pk {
 namespace {
 
 namespace win = cuda::win;
-
-void check_head_dims(const char* op, const NeighborhoodDims& d) {
-  TORCH_CHECK(d.dqk <= cuda::attn::kMaxHeadDim && d.dv <= cuda::attn::kMaxHeadDim, op,
-              ": the CUDA engine supports head dims up to ", cuda::attn::kMaxHeadDim, ", got D = ", d.dqk,
-              " and Dv = ", d.dv);
-}
-
-template <typename S>
-using cuda_t = cuda::cuda_scalar_t<S>;
-
-template <typename S, typename P = cuda_t<S>>
-win::Rows<P> rows(const at::Tensor& t) {
-  return {cuda::data<S>(t), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-template <typename S>
-win::acc_t<cuda_t<S>>* acc_data(const at::Tensor& t) {
-  return t.data_ptr<win::acc_t<cuda_t<S>>>();
-}
 
 // rpb_rows: rpb made contiguous (or undefined).
 template <typename S>

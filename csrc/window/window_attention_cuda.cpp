@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "common/cuda_launch.h"
+#include "attention/attention_launch.h"
 #include "window/window_attention_checks.h"
 #include "window/window_cuda.h"
 
@@ -18,31 +18,6 @@ namespace win = cuda::win;
 // Bounds the bias-gradient partial sums ([groups, heads, n, n] in the accumulation type) to 2^25 elements:
 // Swin's windows keep one group per (b, window); MSW-MSA's 64 x 64 windows share a few groups.
 constexpr int64_t kMaxPartial = int64_t(1) << 25;
-
-void check_head_dims(const char* op, const WindowDims& d) {
-  TORCH_CHECK(d.dqk <= cuda::attn::kMaxHeadDim && d.dv <= cuda::attn::kMaxHeadDim, op,
-              ": the CUDA engine supports head dims up to ", cuda::attn::kMaxHeadDim, ", got D = ", d.dqk,
-              " and Dv = ", d.dv);
-}
-
-void check_launch(const char* op, cudaError_t err, const at::Tensor& q, const WindowDims& d) {
-  TORCH_CHECK(err != cudaErrorLaunchOutOfResources, op, ": head dim ", std::max(d.dqk, d.dv), " in ",
-              q.scalar_type(), " needs more shared memory per block than ", q.device(), " offers");
-  C10_CUDA_CHECK(err);
-}
-
-template <typename S>
-using cuda_t = cuda::cuda_scalar_t<S>;
-
-template <typename S, typename P = cuda_t<S>>
-win::Rows<P> rows(const at::Tensor& t) {
-  return {cuda::data<S>(t), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-template <typename S>
-win::acc_t<cuda_t<S>>* acc_data(const at::Tensor& t) {
-  return t.data_ptr<win::acc_t<cuda_t<S>>>();
-}
 
 template <typename S>
 win::WindowInputs<cuda_t<S>> inputs(const WindowDims& d, const at::Tensor& q, const at::Tensor& k,
