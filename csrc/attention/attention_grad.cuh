@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(DqPlan<kMode, T, kDim>::kThreads) dq_kernel(co
   constexpr bool kAttention = kMode == GradMode::kAttention;
   using A = acc_t<T>;
   using P = DqPlan<kMode, T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const Inputs<T>& in = p.in;
   const Lane lane;
   T* const q_tile = P::row_tile(smem, 0);
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(DkvPlan<kMode, T, kDim>::kThreads) dkv_kernel(
   constexpr bool kAttention = kMode == GradMode::kAttention;
   using A = acc_t<T>;
   using P = DkvPlan<kMode, T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const Inputs<T>& in = p.in;
   const Lane lane;
   T* const k_tile = P::row_tile(smem, 0);

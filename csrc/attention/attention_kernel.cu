@@ -16,7 +16,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
   using P = ForwardPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const Inputs<T>& in = p.in;
   const Lane lane;
   T* const q_tile = P::row_tile(smem, 0);

@@ -34,7 +34,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(MapPlan<T, kDim>::kThreads) map_kernel(const MapParams<T> p) {
   using A = acc_t<T>;
   using P = MapPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const Inputs<T>& in = p.in;
   const Lane lane;
   T* const k_tile = P::col_tile(smem, 0);
@@ -78,7 +78,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(MapPlan<T, kDim>::kThreads) row_dot_kernel(const MapBackwardParams<T> p) {
   using A = acc_t<T>;
   using P = MapPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const Inputs<T>& in = p.in;
   const Lane lane;
   T* const k_tile = P::col_tile(smem, 0);

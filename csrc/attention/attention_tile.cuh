@@ -19,6 +19,7 @@
 
 #include "attention/attention_cuda.h"
 #include "common/cuda_utils.cuh"
+#include "common/ptx.cuh"
 
 namespace pk::cuda::attn {
 
@@ -104,22 +105,9 @@ __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<co
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(c, a, b0, b1);
   else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 b16 matrices, transposed: thread (g, t) gets elements [2t][g] and [2t + 1][g] of each.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_ptr) {
-  const auto addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+    ptx::mma_m16n8k16_bf16(c, a, b0, b1);
 }
 
 // The A fragment of rows [0, 16) x columns [k, k + 16) of a row-major b16 tile.
@@ -184,7 +172,7 @@ __device__ __forceinline__ void gemm_nn(Frag<A, kN>& acc, const T* a, int lda, c
         // Matrices 0..3 are B[k..k+8, n..n+8], B[k+8.., n..], B[k.., n+8..], B[k+8.., n+8..]: the b0/b1
         // registers of n-tiles n / 8 and n / 8 + 1.
         uint32_t bf[4];
-        ldmatrix_x4_trans(bf, b + (k + (lane_id & 15)) * ldb + n + (lane_id >> 4) * 8);
+        ptx::ldmatrix_x4_trans(bf, b + (k + (lane_id & 15)) * ldb + n + (lane_id >> 4) * 8);
         mma_16816<T>(acc.x[n / 8], af, bf[0], bf[1]);
         mma_16816<T>(acc.x[n / 8 + 1], af, bf[2], bf[3]);
       }
@@ -321,7 +309,7 @@ cudaError_t launch(void (*kernel)(Args), index_t blocks, int threads, size_t sme
   if (smem > static_cast<size_t>(limit)) return cudaErrorLaunchOutOfResources;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(args);
+  PK_LAUNCH(static_cast<unsigned>(blocks), threads, smem, stream, kernel)(args);
   return cudaGetLastError();
 }
 

@@ -21,6 +21,19 @@ constexpr int kWarpSize = 32;
 // for exactly this size (it may trade a few bytes of L1-resident spill for occupancy).
 constexpr int kBlockThreads = 256;
 
+// The seams the emulation build (csrc/emulation/cuda_emulation.h, force-included first) replaces: every launch
+// is PK_LAUNCH(grid, block, smem, stream, kernel)(args...), and kernels reach dynamic shared memory through
+// dynamic_shared_memory(). The kernel comes last because a template-id's commas would split a macro argument.
+#if defined(PK_CUDA_EMULATION)
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() { return ::pk::emu::dynamic_shared_memory(); }
+#else
+#define PK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+}
+#endif
+
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }

@@ -330,7 +330,7 @@ cudaError_t with_factor(int r, F&& f) {
 template <typename Kernel, typename Params>
 cudaError_t launch(Kernel kernel, int64_t blocks, const Params& p, cudaStream_t stream) {
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(p);
+  PK_LAUNCH(static_cast<unsigned>(blocks), kBlockThreads, 0, stream, kernel)(p);
   return cudaGetLastError();
 }
 

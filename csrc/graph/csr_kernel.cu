@@ -95,8 +95,8 @@ cudaError_t coo_to_csr_count(const CooToCsrParams<I>& p) {
   cudaError_t err = cudaMemsetAsync(p.status, 0xff, sizeof(CooStatus), p.stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(p.rowptr, 0, (p.num_rows + 1) * sizeof(int64_t), p.stream);
   if (err != cudaSuccess || p.num_edges == 0) return err;
-  count_rows_kernel<<<blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream>>>(p);
-  record_bad_edge_kernel<<<1, 1, 0, p.stream>>>(p);
+  PK_LAUNCH(blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream, count_rows_kernel<I>)(p);
+  PK_LAUNCH(1, 1, 0, p.stream, record_bad_edge_kernel<I>)(p);
   return cudaGetLastError();
 }
 
@@ -108,11 +108,11 @@ cudaError_t coo_to_csr_fill(const CooToCsrParams<I>& p) {
     err = cub::DeviceScan::InclusiveSum(ws.scratch, ws.scratch_bytes, p.rowptr + 1, p.rowptr + 1, p.num_rows,
                                         p.stream);
   if (err != cudaSuccess || p.num_edges == 0) return err;
-  iota_kernel<<<blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream>>>(ws.edge_ids, p.num_edges);
+  PK_LAUNCH(blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream, iota_kernel)(ws.edge_ids, p.num_edges);
   err = cub::DeviceRadixSort::SortPairs(ws.scratch, ws.scratch_bytes, p.row, ws.sorted_rows, ws.edge_ids, p.perm,
                                         p.num_edges, 0, row_key_bits<I>(p.num_rows), p.stream);
   if (err != cudaSuccess) return err;
-  gather_col_kernel<<<blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream>>>(p);
+  PK_LAUNCH(blocks_for(p.num_edges, 1), kBlockThreads, 0, p.stream, gather_col_kernel<I>)(p);
   return cudaGetLastError();
 }
 

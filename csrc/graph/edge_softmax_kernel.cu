@@ -70,7 +70,7 @@ void edge_softmax(const EdgeSoftmaxParams<T>& p) {
   if (items == 0) return;
   dispatch_group_size(group_size_for(p.num_edges / p.num_rows), [&](auto g) {
     constexpr int G = decltype(g)::value;
-    edge_softmax_kernel<T, G><<<blocks_for(items, G), kBlockThreads, 0, p.stream>>>(p);
+    PK_LAUNCH(blocks_for(items, G), kBlockThreads, 0, p.stream, edge_softmax_kernel<T, G>)(p);
   });
 }
 
@@ -80,7 +80,7 @@ void edge_softmax_backward(const EdgeSoftmaxBackwardParams<T>& p) {
   if (items == 0) return;
   dispatch_group_size(group_size_for(p.num_edges / p.num_rows), [&](auto g) {
     constexpr int G = decltype(g)::value;
-    edge_softmax_backward_kernel<T, G><<<blocks_for(items, G), kBlockThreads, 0, p.stream>>>(p);
+    PK_LAUNCH(blocks_for(items, G), kBlockThreads, 0, p.stream, edge_softmax_backward_kernel<T, G>)(p);
   });
 }
 

@@ -152,7 +152,7 @@ void graph_attention(const GraphAttentionParams<T>& p) {
     constexpr int G = decltype(g)::value, K = decltype(k)::value;
     // At least one slice even when dv == 0: the lse is still written.
     const dim3 grid(blocks_for(items, G), p.dv > 0 ? slices(p.dv, G * K) : 1);
-    forward_kernel<T, G, K><<<grid, kBlockThreads, 0, p.stream>>>(p);
+    PK_LAUNCH(grid, kBlockThreads, 0, p.stream, forward_kernel<T, G, K>)(p);
   });
 }
 
@@ -165,11 +165,11 @@ void graph_attention_backward(const GraphAttentionBackwardParams<T>& p) {
     // At least one slice even when dqk == 0: the per-edge p and d score are still written.
     if (target_items > 0) {
       const dim3 grid(blocks_for(target_items, G), p.dqk > 0 ? slices(p.dqk, G * K) : 1);
-      target_pass_kernel<T, G, K><<<grid, kBlockThreads, 0, p.stream>>>(p);
+      PK_LAUNCH(grid, kBlockThreads, 0, p.stream, target_pass_kernel<T, G, K>)(p);
     }
     if (source_items > 0 && widest > 0) {
       const dim3 grid(blocks_for(source_items, G), slices(widest, G * K));
-      source_pass_kernel<T, G, K><<<grid, kBlockThreads, 0, p.stream>>>(p);
+      PK_LAUNCH(grid, kBlockThreads, 0, p.stream, source_pass_kernel<T, G, K>)(p);
     }
   });
 }

@@ -33,7 +33,7 @@ template <typename T, int V>
 void launch(const SddmmParams<T>& p, int64_t items) {
   dispatch_group_size(group_size_for((p.feats + V - 1) / V), [&](auto g) {
     constexpr int G = decltype(g)::value;
-    sddmm_kernel<T, G, V><<<blocks_for(items, G), kBlockThreads, 0, p.stream>>>(p);
+    PK_LAUNCH(blocks_for(items, G), kBlockThreads, 0, p.stream, sddmm_kernel<T, G, V>)(p);
   });
 }
 

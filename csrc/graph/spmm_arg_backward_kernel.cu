@@ -82,14 +82,13 @@ void launch(const SpmmArgBackwardParams<T>& p) {
     dispatch_group_size(group_size_for((hf + V - 1) / V), [&](auto g) {
       constexpr int G = decltype(g)::value;
       const dim3 grid(blocks_for(p.transpose.num_rows, G), static_cast<unsigned>((hf + G * V - 1) / (G * V)));
-      grad_x_kernel<T, G, V><<<grid, kBlockThreads, 0, p.stream>>>(p);
+      PK_LAUNCH(grid, kBlockThreads, 0, p.stream, grad_x_kernel<T, G, V>)(p);
     });
   // Runs even when feats == 0: every edge then gets a zero weight gradient.
   if (p.grad_weight && p.graph.num_rows * p.heads > 0)
     dispatch_group_size(group_size_for((p.feats + V - 1) / V), [&](auto g) {
       constexpr int G = decltype(g)::value;
-      grad_weight_kernel<T, G, V>
-          <<<blocks_for(p.graph.num_rows * p.heads, G), kBlockThreads, 0, p.stream>>>(p);
+      PK_LAUNCH(blocks_for(p.graph.num_rows * p.heads, G), kBlockThreads, 0, p.stream, grad_weight_kernel<T, G, V>)(p);
     });
 }
 

@@ -84,9 +84,9 @@ void launch(const SpmmParams<T>& p, int64_t hf) {
     constexpr int G = decltype(g)::value;
     const dim3 grid(blocks_for(p.graph.num_rows, G), static_cast<unsigned>((hf + G * V - 1) / (G * V)));
     if (p.reduce == Reduce::kMax || p.reduce == Reduce::kMin)
-      spmm_arg_kernel<T, G, V><<<grid, kBlockThreads, 0, p.stream>>>(p, p.reduce == Reduce::kMax);
+      PK_LAUNCH(grid, kBlockThreads, 0, p.stream, spmm_arg_kernel<T, G, V>)(p, p.reduce == Reduce::kMax);
     else
-      spmm_sum_kernel<T, G, V><<<grid, kBlockThreads, 0, p.stream>>>(p, p.reduce == Reduce::kMean);
+      PK_LAUNCH(grid, kBlockThreads, 0, p.stream, spmm_sum_kernel<T, G, V>)(p, p.reduce == Reduce::kMean);
   });
 }
 

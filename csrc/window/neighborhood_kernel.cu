@@ -163,7 +163,7 @@ template <typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads) forward_kernel(const NeighborhoodForwardParams<T> p) {
   using A = acc_t<T>;
   constexpr int G = S::G, K = S::K;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const NeighborhoodInputs<T>& in = p.in;
   const Place<S> pl(in);
   if (pl.empty) return;
@@ -214,7 +214,7 @@ template <typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads) query_kernel(const NeighborhoodBackwardParams<T> p) {
   using A = acc_t<T>;
   constexpr int G = S::G, K = S::K;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const NeighborhoodInputs<T>& in = p.in;
   const Place<S> pl(in);
   if (pl.empty) return;
@@ -268,7 +268,7 @@ template <typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads) key_kernel(const NeighborhoodBackwardParams<T> p) {
   using A = acc_t<T>;
   constexpr int G = S::G, K = S::K;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   const NeighborhoodInputs<T>& in = p.in;
   const Place<S> pl(in);
   if (pl.empty) return;

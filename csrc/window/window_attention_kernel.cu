@@ -123,7 +123,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel(const WindowForwardParams<T> p) {
   using A = acc_t<T>;
   using P = ForwardPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   __shared__ Slot q_slots[P::kRows], k_slots[P::kCols];
   const WindowInputs<T>& in = p.in;
   const Lane lane;
@@ -221,7 +221,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(DqPlan<T, kDim>::kThreads) dq_kernel(const WindowBackwardParams<T> p) {
   using A = acc_t<T>;
   using P = DqPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   __shared__ Slot q_slots[P::kRows], k_slots[P::kCols];
   const WindowInputs<T>& in = p.in;
   const Lane lane;
@@ -319,7 +319,7 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(DkvPlan<T, kDim>::kThreads) dkv_kernel(const WindowBackwardParams<T> p) {
   using A = acc_t<T>;
   using P = DkvPlan<T, kDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared_memory();
   __shared__ Slot k_slots[P::kRows], q_slots[P::kCols];
   const WindowInputs<T>& in = p.in;
   const Lane lane;
