@@ -78,7 +78,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 #define __restrict__ __restrict
 // Emulator code inlined into kernels that must not be seen as the kernel's own memory accesses.
