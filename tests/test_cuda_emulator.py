@@ -33,6 +33,7 @@ DRIVER_KERNELS = {
     "detectors": [],
     "ptx_twins": [],
     "graph_kernels": ["graph/sddmm_kernel.cu", "graph/spmm_kernel.cu", "graph/csr_kernel.cu"],
+    "attention_kernels": ["attention/attention_kernel.cu"],
 }
 
 # Every detector must be proven by a broken kernel it catches (a detector that cannot fail is a defect).

@@ -66,7 +66,8 @@ void check_sddmm(int64_t heads, int64_t feats) {
   const int64_t hf = heads * feats, edges = static_cast<int64_t>(g.col.size());
   DeviceBuffer<int64_t> rowptr(g.rowptr), col(g.col);
   DeviceBuffer<T> a(random_values<T>(g.rows * hf, 2)), b(random_values<T>(g.sources * hf, 3)), out(edges * heads);
-  pk::cuda::sddmm(pk::cuda::SddmmParams<T>{{rowptr.ptr, col.ptr, g.rows}, a.ptr, b.ptr, out.ptr, heads, feats, nullptr});
+  const pk::cuda::Csr csr{rowptr.ptr, col.ptr, g.rows};
+  pk::cuda::sddmm(pk::cuda::SddmmParams<T>{csr, a.ptr, b.ptr, out.ptr, heads, feats, nullptr});
   check(cudaGetLastError() == cudaSuccess, "sddmm launch");
   expect_clean();
   for (int64_t r = 0; r < g.rows; ++r)
@@ -112,7 +113,8 @@ void check_spmm(pk::Reduce reduce, int64_t heads, int64_t feats, bool weighted) 
       int64_t best_e = -1;
       A best = 0;
       for (int64_t e = begin; e < end; ++e) {
-        const A v = (weighted ? A(to_double(w.ptr[e * heads + h])) : A(1)) * A(to_double(x.ptr[g.col[e] * hf + f]));
+        const A weight = weighted ? A(to_double(w.ptr[e * heads + h])) : A(1);
+        const A v = weight * A(to_double(x.ptr[g.col[e] * hf + f]));
         if (best_e < 0 || (reduce == pk::Reduce::kMax ? v > best : v < best)) {
           best = v;
           best_e = e;
