@@ -53,7 +53,7 @@ def launcher_command(source: Path) -> list[str] | None:
     cuda_home = Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{cuda_home / 'include'}", f"-I{ROOT / 'csrc'}"]
     # A CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h; this define skips it.
-    return [os.environ.get("CXX", "g++"), "-fsyntax-only", "-std=c++17", "-Wall", "-DPK_WITH_CUDA=1",
+    return [os.environ.get("CXX", "g++"), "-fsyntax-only", "-std=c++20", "-Wall", "-DPK_WITH_CUDA=1",
             "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes, str(source)]
 
 
