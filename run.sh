@@ -3,18 +3,41 @@
 #   ./run.sh test  [pytest args...]     build + the full test suite
 #   ./run.sh bench [bench args...]      build + the benchmark report (default: --quick)
 #   ./run.sh setup                      build only
+# Python: $PYTHON if set, else the active virtual environment, else ./.venv (created on first use).
+# PYKERNELS_CUDA=auto|on|off picks whether the CUDA engine is built (see README); the build folder
+# build/editable is reused, so a second run recompiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+
+# The pair the package is built and tested with. Every install below is constrained to it, so no
+# dependency's resolver can swap in another torch (the extension must run with the torch it was built against).
+TORCH_PIN="torch==2.14.1"
+TORCHVISION_PIN="torchvision==0.29.1"
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ -n "${VIRTUAL_ENV:-}" ]; then
+    PYTHON="$VIRTUAL_ENV/bin/python"
+  else
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    PYTHON=.venv/bin/python
+  fi
+fi
 
 setup() {
-  # torch first and pinned: an unpinned or isolated install can pull a different (multi-GB CUDA) build,
-  # and the extension must be compiled against the torch it will run with.
-  if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet "torch==2.13.0"
-  fi
-  "$PYTHON" -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
-    triton pytest hypothesis torch_geometric networkx scipy diffusers matplotlib tqdm
+  local constraints
+  constraints=$(mktemp)
+  trap 'rm -f "$constraints"' RETURN
+  printf '%s\n' "$TORCH_PIN" "$TORCHVISION_PIN" > "$constraints"
+  "$PYTHON" -m pip install --quiet -c "$constraints" "$TORCH_PIN" "$TORCHVISION_PIN"
+  "$PYTHON" -m pip install --quiet -c "$constraints" "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
+    triton pytest hypothesis torch_geometric networkx scipy diffusers timm matplotlib tqdm
+  "$PYTHON" - "$TORCH_PIN" "$TORCHVISION_PIN" <<'PY'
+import sys, torch, torchvision
+want = {"torch": sys.argv[1].split("==")[1], "torchvision": sys.argv[2].split("==")[1]}
+have = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
+if have != want:
+    sys.exit(f"run.sh: pip left {have}, expected {want}")
+PY
   "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps \
     -Cbuild-dir=build/editable -Ceditable.rebuild=false -e .
   "$PYTHON" -m pykernels info

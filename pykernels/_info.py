@@ -42,11 +42,23 @@ def info() -> dict:
     }
 
 
+def _engine_text(engine: str, available: bool, data: dict) -> str:
+    if not available:
+        return "no"
+    if engine == "cuda":
+        return "yes (built" + ("" if data.get("cuda_device") else ", no CUDA device present") + ")"
+    if engine == "triton" and data.get("triton_interpreted"):
+        return "yes (interpreted)"
+    return "yes"
+
+
 def format_info(data: dict | None = None) -> str:
     data = info() if data is None else data
     lines = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in value.items())
+        if key == "engines":
+            value = ", ".join(f"{k}={_engine_text(k, v, data)}" for k, v in value.items())
+        elif key == "cuda_device" and value is None:
+            value = "none present" if torch.version.cuda else "none (CPU build of torch)"
         lines.append(f"{key:>18}: {value}")
     return "\n".join(lines)
