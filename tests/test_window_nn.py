@@ -100,6 +100,28 @@ def test_swin_block_matches_timms_code_path(size, window, shift, qkv_bias):
         torch.testing.assert_close(a, e, msg=name)
 
 
+@pytest.mark.parametrize("size,window,shift", [((14, 14), 7, 3), ((10, 13), 7, 3), ((8, 8), 4, 0), ((5, 6), 7, 3)])
+def test_swin_block_matches_timm(size, window, shift):
+    """timm itself: its SwinTransformerBlock's weights loaded into ours, same input, values and gradients."""
+    swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    theirs = swin.SwinTransformerBlock(24, size, num_heads=3, window_size=window, shift_size=shift).double()
+    with torch.no_grad():
+        theirs.attn.relative_position_bias_table.normal_()
+        theirs.attn.qkv.bias.normal_()
+    ours = pk.nn.SwinBlock(24, input_resolution=size, num_heads=3, window_size=window, shift_size=shift).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, *size, 24, dtype=torch.double, requires_grad=True)
+    got, expected = ours(x), theirs(x)
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(got)
+    ours_grads = torch.autograd.grad(got, [x, *ours.parameters()], g)
+    theirs_grads = dict(zip(["x", *dict(theirs.named_parameters())],
+                            torch.autograd.grad(expected, [x, *theirs.parameters()], g)))
+    for name, a in zip(["x", *dict(ours.named_parameters())], ours_grads):
+        torch.testing.assert_close(a, theirs_grads[name], msg=name)
+
+
 def test_swin_block_state_dict_has_timms_keys_and_clamped_table():
     block = pk.nn.SwinBlock(32, input_resolution=(56, 56), num_heads=4, window_size=7, shift_size=3)
     assert set(block.state_dict()) == TIMM_BLOCK_KEYS
