@@ -9,7 +9,7 @@ from .._checks import int_pair
 from ..reference.window import relative_position_index
 from ..window import msw_msa, swin_window_shift, window_attention
 
-__all__ = ["MSWMSA", "SwinBlock", "WindowAttention"]
+__all__ = ["MSWMSA", "SwinBlock", "WindowAttention", "swin_window_attention"]
 
 
 def _qkv_heads(qkv: nn.Linear, x: torch.Tensor, heads: int, head_dim: int):
@@ -64,14 +64,26 @@ class WindowAttention(nn.Module):
                 "the fused kernel, which never forms the attention matrix; use attn_drop=0 (timm's default)")
         if x.dim() != 4 or x.size(-1) != self.dim:
             raise ValueError(f"pykernels.nn.WindowAttention: x must be [B, H, W, {self.dim}], got {list(x.shape)}")
-        b, h, w, _ = x.shape
-        q, k, v = _qkv_heads(self.qkv, x, self.num_heads, self.head_dim)
-        pad_kv = None
-        if self.qkv.bias is not None:
-            pad_kv = self.qkv.bias.view(3, self.num_heads, self.head_dim)[1:].to(q.dtype)
-        out = window_attention(q, k, v, (h, w), self.window_size, shift_size, self.relative_position_bias_table,
-                               shift_mask=True, scale=self.scale, pad_kv=pad_kv, backend=backend)
-        return self.proj_drop(self.proj(_merge_heads(out, (b, h, w))))
+        return swin_window_attention(self, x, shift_size, backend=backend)
+
+
+def swin_window_attention(attn: nn.Module, x: torch.Tensor, shift_size, *, backend: str = "auto") -> torch.Tensor:
+    """What a Swin block's (shifted) window attention computes, on the un-partitioned map ``x`` ``[B, H, W, C]``.
+
+    ``attn`` is a :class:`WindowAttention` or timm's own ``WindowAttention``: both hold ``qkv``, ``proj``,
+    ``proj_drop``, ``num_heads``, ``window_size``, ``scale`` and ``relative_position_bias_table``, so
+    :func:`pykernels.accelerate` runs timm's blocks through this same code with their own weights.
+    Attention dropout is not applied: callers serve only ``attn_drop.p == 0`` or eval mode.
+    """
+    b, h, w, _ = x.shape
+    head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+    q, k, v = _qkv_heads(attn.qkv, x, attn.num_heads, head_dim)
+    pad_kv = None
+    if attn.qkv.bias is not None:
+        pad_kv = attn.qkv.bias.view(3, attn.num_heads, head_dim)[1:].to(q.dtype)
+    out = window_attention(q, k, v, (h, w), attn.window_size, shift_size, attn.relative_position_bias_table,
+                           shift_mask=True, scale=attn.scale, pad_kv=pad_kv, backend=backend)
+    return attn.proj_drop(attn.proj(_merge_heads(out, (b, h, w))))
 
 
 class _DropPath(nn.Module):
