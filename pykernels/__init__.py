@@ -13,13 +13,13 @@ from .neighborhood import neighborhood_attention_2d
 from .window import msw_msa, window_attention
 from .graph import CSR, ScatterResult, edge_softmax, graph_attention, scatter, sddmm, spmm
 from . import nn
-from .accelerate import AccelerateReport, accelerate
+from .accelerate import AccelerateReport, accelerate, restore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelerateReport", "BACKENDS", "CSR", "ENGINES", "ScatterResult", "accelerate", "attention_flow",
     "attention_rollout", "edge_softmax", "fused_attention", "graph_attention", "info", "is_deterministic",
-    "max_flow", "max_flow_layered", "maxmin_matmul", "msw_msa", "neighborhood_attention_2d", "nn", "scatter",
-    "sddmm", "set_deterministic", "soft_maxmin_matmul", "spmm", "st_flow", "window_attention",
+    "max_flow", "max_flow_layered", "maxmin_matmul", "msw_msa", "neighborhood_attention_2d", "nn", "restore",
+    "scatter", "sddmm", "set_deterministic", "soft_maxmin_matmul", "spmm", "st_flow", "window_attention",
 ]
