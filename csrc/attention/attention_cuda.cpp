@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const char* op = "pykernels.attention";
   const AttentionDims d = check_attention(op, q, k, v, bias);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor out = at::empty({d.batch, d.heads, d.nq, d.dv}, q.options());
   at::Tensor lse = row_scratch(q, d);
   PK_DISPATCH_FLOATS(q.scalar_type(), "attention_cuda", [&] {
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   const char* op = "pykernels.attention_backward";
   const AttentionDims d = check_attention_backward(op, q, k, v, bias, out, lse, grad_out);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dbias = bias_grad_buffer(q, d, bias_grad);
   const at::Tensor lse_rows = lse.contiguous();
@@ -89,7 +89,7 @@ at::Tensor attention_map_cuda(const at::Tensor& q, const at::Tensor& k, const st
   const char* op = "pykernels.attention_map";
   const AttentionDims d = check_attention_map(op, q, k, bias, lse);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor map = at::empty({d.batch, d.nq, d.nk}, q.options());
   const at::Tensor lse_rows = lse.contiguous();
   PK_DISPATCH_FLOATS(q.scalar_type(), "attention_map_cuda", [&] {
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_map_backward_cuda(
   const char* op = "pykernels.attention_map_backward";
   const AttentionDims d = check_attention_map_backward(op, q, k, bias, lse, grad_map);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
   at::Tensor dbias = bias_grad_buffer(q, d, bias_grad);
   const at::Tensor lse_rows = lse.contiguous();
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_map_ba
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("attention", &attention_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("attention_map", &attention_map_cuda);

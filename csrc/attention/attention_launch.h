@@ -23,7 +23,7 @@ template <typename Dims>
 void check_launch(const char* op, cudaError_t err, const at::Tensor& q, const Dims& d) {
   TORCH_CHECK(err != cudaErrorLaunchOutOfResources, op, ": head dim ", std::max(d.dqk, d.dv), " in ",
               q.scalar_type(), " needs more shared memory per block than ", q.device(), " offers");
-  C10_CUDA_CHECK(err);
+  PK_CUDA_CHECK(err);
 }
 
 template <typename S>
@@ -36,7 +36,7 @@ cuda::attn::Rows<P> rows(const at::Tensor& t) {
 
 template <typename S>
 cuda::attn::acc_t<cuda_t<S>>* acc_data(const at::Tensor& t) {
-  return t.data_ptr<cuda::attn::acc_t<cuda_t<S>>>();
+  return cuda::data<cuda::attn::acc_t<cuda_t<S>>>(t);
 }
 
 }  // namespace pk

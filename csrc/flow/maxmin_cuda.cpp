@@ -24,7 +24,7 @@ using cuda_t = cuda::cuda_scalar_t<S>;
 // check_product, and the engine reads device memory.
 ProductDims check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
   const ProductDims d = check_product(op, a, b);
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got one on ", a.device());
+  TORCH_CHECK(cuda::is_device_tensor(a), op, ": a must be a CUDA tensor, got one on ", a.device());
   return d;
 }
 
@@ -52,15 +52,15 @@ std::tuple<at::Tensor, at::Tensor> grad_buffers(const at::Tensor& a, const at::T
 std::tuple<at::Tensor, at::Tensor> maxmin_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   const char* op = "pykernels.maxmin_matmul";
   const ProductDims d = check_operands(op, a, b);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   at::Tensor out = at::empty({d.batch, d.m, d.n}, a.options());
   at::Tensor argk = at::empty({d.batch, d.m, d.n}, a.options().dtype(at::kInt));
   PK_DISPATCH_FLOATS(a.scalar_type(), "maxmin_matmul_cuda", [&] {
     using T = cuda_t<scalar_t>;
     const flow::ForwardParams<T> p{matrix<scalar_t>(a), matrix<scalar_t>(b), d.batch, d.m, d.n, d.k,
-                                   cuda::data<scalar_t>(out), argk.data_ptr<int32_t>(), nullptr, nullptr, 0, 0,
+                                   cuda::data<scalar_t>(out), cuda::data<int32_t>(argk), nullptr, nullptr, 0, 0,
                                    cuda::current_stream()};
-    C10_CUDA_CHECK(flow::forward(p));
+    PK_CUDA_CHECK(flow::forward(p));
   });
   return {out, argk};
 }
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_maxmin_matmul_cuda(const at:
   const char* op = "pykernels.soft_maxmin_matmul";
   const ProductDims d = check_operands(op, a, b);
   check_temperature(op, temperature);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   at::Tensor out = at::empty({d.batch, d.m, d.n}, a.options());
   at::Tensor hard = at::empty({d.batch, d.m, d.n}, a.options());
   at::Tensor sum = at::empty({d.batch, d.m, d.n}, a.options().dtype(product_acc_dtype(a.scalar_type())));
@@ -86,11 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_maxmin_matmul_cuda(const at:
                                    cuda::data<scalar_t>(out),
                                    nullptr,
                                    cuda::data<scalar_t>(hard),
-                                   sum.data_ptr<A>(),
+                                   cuda::data<A>(sum),
                                    static_cast<A>(temperature),
                                    static_cast<A>(1.0 / temperature),
                                    cuda::current_stream()};
-    C10_CUDA_CHECK(flow::forward(p));
+    PK_CUDA_CHECK(flow::forward(p));
   });
   return {out, hard, sum};
 }
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_backward_cuda(const at::Tensor&
   const ProductDims d = check_operands(op, a, b);
   check_like(op, "argk", argk, at::kInt, d, a);
   check_like(op, "grad_out", grad_out, a.scalar_type(), d, a);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   const at::Tensor& g = grad_out;
   at::Tensor grad_a, grad_b;
   std::tie(grad_a, grad_b) = grad_buffers(a, b, d, a_grad, b_grad);
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_backward_cuda(const at::Tensor&
                                     d.n,
                                     d.k,
                                     false,
-                                    matrix<int32_t>(argk.data_ptr<int32_t>(), argk),
+                                    matrix<int32_t>(cuda::data<int32_t>(argk), argk),
                                     {},
                                     {},
                                     matrix<scalar_t>(g),
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> maxmin_matmul_backward_cuda(const at::Tensor&
                                     b_grad ? cuda::data<scalar_t>(grad_b) : nullptr,
                                     0,
                                     cuda::current_stream()};
-    C10_CUDA_CHECK(flow::backward(p));
+    PK_CUDA_CHECK(flow::backward(p));
   });
   return {grad_a, grad_b};
 }
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> soft_maxmin_matmul_backward_cuda(const at::Te
   const char* op = "pykernels.soft_maxmin_matmul_backward";
   const ProductDims d = check_operands(op, a, b);
   check_temperature(op, temperature);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   check_like(op, "hard", hard, a.scalar_type(), d, a);
   check_like(op, "sum", sum, product_acc_dtype(a.scalar_type()), d, a);
   check_like(op, "grad_out", grad_out, a.scalar_type(), d, a);
@@ -154,20 +154,20 @@ std::tuple<at::Tensor, at::Tensor> soft_maxmin_matmul_backward_cuda(const at::Te
                                     true,
                                     {},
                                     matrix<scalar_t>(h),
-                                    matrix<A>(s.data_ptr<A>(), s),
+                                    matrix<A>(cuda::data<A>(s), s),
                                     matrix<scalar_t>(g),
                                     a_grad ? cuda::data<scalar_t>(grad_a) : nullptr,
                                     b_grad ? cuda::data<scalar_t>(grad_b) : nullptr,
                                     static_cast<A>(1.0 / temperature),
                                     cuda::current_stream()};
-    C10_CUDA_CHECK(flow::backward(p));
+    PK_CUDA_CHECK(flow::backward(p));
   });
   return {grad_a, grad_b};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("maxmin_matmul", &maxmin_matmul_cuda);
   m.impl("maxmin_matmul_backward", &maxmin_matmul_backward_cuda);
   m.impl("soft_maxmin_matmul", &soft_maxmin_matmul_cuda);

@@ -18,11 +18,11 @@ template <typename I>
 void build_csr(const at::Tensor& row, const at::Tensor& col, int64_t num_rows, int64_t num_cols,
                const std::string& ctx, at::Tensor& rowptr, at::Tensor& col_out, at::Tensor& perm) {
   auto status = at::empty({3}, row.options().dtype(at::kLong));
-  cuda::CooToCsrParams<I> p{row.data_ptr<I>(), col.data_ptr<I>(), row.numel(), num_rows, num_cols,
-                            rowptr.data_ptr<int64_t>(), col_out.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
-                            reinterpret_cast<cuda::CooStatus*>(status.data_ptr<int64_t>()), nullptr,
+  cuda::CooToCsrParams<I> p{cuda::data<I>(row), cuda::data<I>(col), row.numel(), num_rows, num_cols,
+                            cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col_out), cuda::data<int64_t>(perm),
+                            reinterpret_cast<cuda::CooStatus*>(cuda::data<int64_t>(status)), nullptr,
                             cuda::current_stream()};
-  C10_CUDA_CHECK(cuda::coo_to_csr_count(p));
+  PK_CUDA_CHECK(cuda::coo_to_csr_count(p));
   const auto found = status.cpu();  // the sync
   const int64_t pos = found.data_ptr<int64_t>()[0], bad_row = found.data_ptr<int64_t>()[1],
                 bad_col = found.data_ptr<int64_t>()[2];
@@ -34,8 +34,8 @@ void build_csr(const at::Tensor& row, const at::Tensor& col, int64_t num_rows, i
   }
   const auto bytes = static_cast<int64_t>(cuda::coo_to_csr_workspace_bytes<I>(p.num_edges, num_rows));
   auto workspace = at::empty({bytes}, row.options().dtype(at::kByte));
-  p.workspace = workspace.data_ptr();
-  C10_CUDA_CHECK(cuda::coo_to_csr_fill(p));
+  p.workspace = cuda::data<uint8_t>(workspace);
+  PK_CUDA_CHECK(cuda::coo_to_csr_fill(p));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor& row, const at::Tensor& col,
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor&
                                                                c10::string_view context) {
   const std::string ctx(context);
   check_coo(ctx, row, col, num_rows, num_cols);
-  const c10::cuda::CUDAGuard guard(row.device());
+  const cuda::DeviceGuard guard(row.device());
   const auto r = row.contiguous(), c = col.contiguous();
   auto opts = r.options().dtype(at::kLong);
   auto rowptr = at::empty({num_rows + 1}, opts);
@@ -58,14 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor&
 // spmm, so its values are in range.
 void arg_to_source_cuda(at::Tensor& arg, const at::Tensor& col, int64_t empty) {
   check_arg_to_source("pykernels.arg_to_source_", arg, col);
-  const c10::cuda::CUDAGuard guard(arg.device());
+  const cuda::DeviceGuard guard(arg.device());
   const at::Tensor flat = arg.view({-1});
   flat.copy_(at::where(flat >= 0, col.index_select(0, flat.clamp_min(0)), empty));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("coo_to_csr", &coo_to_csr_cuda);
   m.impl("arg_to_source_", &arg_to_source_cuda);
 }

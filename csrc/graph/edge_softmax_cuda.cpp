@@ -18,13 +18,13 @@ at::Tensor edge_softmax_cuda(const at::Tensor& rowptr, const at::Tensor& scores)
   PK_CHECK_DIM(op, "scores", scores, 2);
   PK_CHECK_SAME_DEVICE(op, "scores", scores, rowptr);
   const int64_t num_rows = rowptr.numel() - 1;
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const cuda::DeviceGuard guard(scores.device());
   auto out = at::empty_like(scores);
   PK_DISPATCH_FLOATS(scores.scalar_type(), "edge_softmax_cuda", [&] {
     cuda::edge_softmax(cuda::EdgeSoftmaxParams<cuda::cuda_scalar_t<scalar_t>>{
-        rowptr.data_ptr<int64_t>(), num_rows, scores.size(0), scores.size(1), cuda::data<scalar_t>(scores),
+        cuda::data<int64_t>(rowptr), num_rows, scores.size(0), scores.size(1), cuda::data<scalar_t>(scores),
         cuda::data<scalar_t>(out), cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -39,20 +39,20 @@ at::Tensor edge_softmax_backward_cuda(const at::Tensor& rowptr, const at::Tensor
   PK_CHECK_SAME_DEVICE(op, "probs", probs, rowptr);
   PK_CHECK_SAME_DEVICE(op, "grad", grad, rowptr);
   const int64_t num_rows = rowptr.numel() - 1;
-  const c10::cuda::CUDAGuard guard(probs.device());
+  const cuda::DeviceGuard guard(probs.device());
   auto out = at::empty_like(probs);
   PK_DISPATCH_FLOATS(probs.scalar_type(), "edge_softmax_backward_cuda", [&] {
     cuda::edge_softmax_backward(cuda::EdgeSoftmaxBackwardParams<cuda::cuda_scalar_t<scalar_t>>{
-        rowptr.data_ptr<int64_t>(), num_rows, probs.size(0), probs.size(1), cuda::data<scalar_t>(probs),
+        cuda::data<int64_t>(rowptr), num_rows, probs.size(0), probs.size(1), cuda::data<scalar_t>(probs),
         cuda::data<scalar_t>(grad), cuda::data<scalar_t>(out), cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("edge_softmax", &edge_softmax_cuda);
   m.impl("edge_softmax_backward", &edge_softmax_backward_cuda);
 }

@@ -21,17 +21,17 @@ std::tuple<at::Tensor, at::Tensor> graph_attention_cuda(const at::Tensor& rowptr
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& bias, double scale) {
   const AttnShapes s = check_attention("pykernels.graph_attention", rowptr, col, q, k, v, bias);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   auto out = at::empty({s.num_rows, s.heads, s.dv}, q.options());
   auto lse = at::empty({s.num_rows, s.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
   PK_DISPATCH_FLOATS(q.scalar_type(), "graph_attention_cuda", [&] {
     using T = cuda::cuda_scalar_t<scalar_t>;
     using A = cuda::acc_t<T>;
     cuda::graph_attention(cuda::GraphAttentionParams<T>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s.num_rows}, cuda::data<scalar_t>(q),
+        {cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col), s.num_rows}, cuda::data<scalar_t>(q),
         cuda::data<scalar_t>(k), cuda::data<scalar_t>(v), cuda::data<scalar_t>(bias), cuda::data<scalar_t>(out),
-        lse.data_ptr<A>(), s.heads, s.dqk, s.dv, static_cast<A>(scale), cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::data<A>(lse), s.heads, s.dqk, s.dv, static_cast<A>(scale), cuda::current_stream()});
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
 }
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_attention_backw
   const AttnShapes s = check_attention_backward("pykernels.graph_attention_backward", rowptr, col, rowptr_t, col_t,
                                                 perm_t, q, k, v, bias, out, lse, grad_out);
   const int64_t num_edges = col.numel();
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dbias = bias_grad ? at::empty({num_edges, s.heads}, q.options()) : at::empty({0}, q.options());
   auto probs = at::empty({num_edges, s.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
@@ -53,21 +53,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_attention_backw
     using T = cuda::cuda_scalar_t<scalar_t>;
     using A = cuda::acc_t<T>;
     cuda::graph_attention_backward(cuda::GraphAttentionBackwardParams<T>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s.num_rows},
-        {rowptr_t.data_ptr<int64_t>(), col_t.data_ptr<int64_t>(), s.num_cols}, perm_t.data_ptr<int64_t>(),
+        {cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col), s.num_rows},
+        {cuda::data<int64_t>(rowptr_t), cuda::data<int64_t>(col_t), s.num_cols}, cuda::data<int64_t>(perm_t),
         cuda::data<scalar_t>(q), cuda::data<scalar_t>(k), cuda::data<scalar_t>(v), cuda::data<scalar_t>(bias),
-        cuda::data<scalar_t>(out), lse.data_ptr<A>(), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(dq),
+        cuda::data<scalar_t>(out), cuda::data<A>(lse), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(dq),
         cuda::data<scalar_t>(dk), cuda::data<scalar_t>(dv), bias_grad ? cuda::data<scalar_t>(dbias) : nullptr,
-        probs.data_ptr<A>(), dscore.data_ptr<A>(), s.heads, s.dqk, s.dv, static_cast<A>(scale),
+        cuda::data<A>(probs), cuda::data<A>(dscore), s.heads, s.dqk, s.dv, static_cast<A>(scale),
         cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dq, dk, dv, dbias};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("graph_attention", &graph_attention_cuda);
   m.impl("graph_attention_backward", &graph_attention_backward_cuda);
 }

@@ -26,19 +26,19 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const std
   TORCH_CHECK(a.size(1) == b.size(1) && a.size(2) == b.size(2) && a.scalar_type() == b.scalar_type(), op,
               ": a and b must agree in heads, features and dtype");
   const int64_t num_rows = a.size(0), heads = a.size(1), feats = a.size(2);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   auto out = at::empty({col.numel(), heads}, a.options());
   PK_DISPATCH_FLOATS(a.scalar_type(), "sddmm_cuda", [&] {
     cuda::sddmm(cuda::SddmmParams<cuda::cuda_scalar_t<scalar_t>>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows}, cuda::data<scalar_t>(a),
+        {cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col), num_rows}, cuda::data<scalar_t>(a),
         cuda::data<scalar_t>(b), cuda::data<scalar_t>(out), heads, feats, cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) { m.impl("sddmm", &sddmm_cuda); }
+PK_CUDA_LIBRARY_IMPL(m) { m.impl("sddmm", &sddmm_cuda); }
 
 }  // namespace pk

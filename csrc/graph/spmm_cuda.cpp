@@ -26,16 +26,16 @@ std::tuple<at::Tensor, at::Tensor> spmm_cuda(const at::Tensor& rowptr, const at:
     check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
     PK_CHECK_SAME_DEVICE(op, "edge_weight", *weight, rowptr);
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   auto out = at::empty({num_rows, heads, feats}, x.options());
   const bool with_arg = reduce == Reduce::kMax || reduce == Reduce::kMin;
   auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
   PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_cuda", [&] {
     cuda::spmm(cuda::SpmmParams<cuda::cuda_scalar_t<scalar_t>>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows}, cuda::data<scalar_t>(weight),
-        cuda::data<scalar_t>(x), cuda::data<scalar_t>(out), with_arg ? arg.data_ptr<int64_t>() : nullptr, heads,
+        {cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col), num_rows}, cuda::data<scalar_t>(weight),
+        cuda::data<scalar_t>(x), cuda::data<scalar_t>(out), with_arg ? cuda::data<int64_t>(arg) : nullptr, heads,
         feats, reduce, cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, arg};
 }
@@ -51,24 +51,24 @@ std::tuple<at::Tensor, at::Tensor> spmm_arg_backward_cuda(const at::Tensor& rowp
       "pykernels.spmm_arg_backward", rowptr, col, rowptr_t, col_t, perm_t, weight, arg, grad_out, x);
   const int64_t heads = heads_feats.first, feats = heads_feats.second;
   const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   auto grad_w = weight_grad ? at::empty({col.numel(), heads}, x.options()) : at::empty({0}, x.options());
   PK_DISPATCH_FLOATS(x.scalar_type(), "spmm_arg_backward_cuda", [&] {
     cuda::spmm_arg_backward(cuda::SpmmArgBackwardParams<cuda::cuda_scalar_t<scalar_t>>{
-        {rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), num_rows},
-        {rowptr_t.data_ptr<int64_t>(), col_t.data_ptr<int64_t>(), num_cols}, perm_t.data_ptr<int64_t>(),
-        cuda::data<scalar_t>(weight), arg.data_ptr<int64_t>(), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(x),
+        {cuda::data<int64_t>(rowptr), cuda::data<int64_t>(col), num_rows},
+        {cuda::data<int64_t>(rowptr_t), cuda::data<int64_t>(col_t), num_cols}, cuda::data<int64_t>(perm_t),
+        cuda::data<scalar_t>(weight), cuda::data<int64_t>(arg), cuda::data<scalar_t>(grad_out), cuda::data<scalar_t>(x),
         cuda::data<scalar_t>(grad_x), weight_grad ? cuda::data<scalar_t>(grad_w) : nullptr, heads, feats,
         cuda::current_stream()});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PK_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_x, grad_w};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("spmm", &spmm_cuda);
   m.impl("spmm_arg_backward", &spmm_arg_backward_cuda);
 }

@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attention_2d_cuda(const at::Tens
   const char* op = "pykernels.neighborhood_attention_2d";
   const NeighborhoodDims d = check_neighborhood(op, q, k, v, spatial_shape, kernel_size, dilation, rpb);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor out = at::empty({d.batch, d.heads, d.tokens, d.dv}, q.options());
   at::Tensor lse = at::empty({d.batch, d.heads, d.tokens}, q.options().dtype(attention_lse_dtype(q.scalar_type())));
   const at::Tensor bias = contiguous_rpb(rpb);
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attention_2d_cuda(const at::Tens
     using T = cuda_t<scalar_t>;
     const win::NeighborhoodForwardParams<T> p{inputs<scalar_t>(d, q, k, v, bias, scale), rows<scalar_t>(out),
                                               acc_data<scalar_t>(lse)};
-    C10_CUDA_CHECK(win::neighborhood_forward(p));
+    PK_CUDA_CHECK(win::neighborhood_forward(p));
   });
   return {out, lse};
 }
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attentio
   const NeighborhoodDims d = check_neighborhood_backward(op, q, k, v, spatial_shape, kernel_size, dilation, rpb, out,
                                                          lse, grad_out, rpb_grad);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor drpb = rpb_grad ? at::empty({d.heads, 2 * d.y.kernel - 1, 2 * d.x.kernel - 1}, q.options())
                              : at::empty({0}, q.options());
@@ -76,14 +76,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attentio
                                                acc_data<scalar_t>(delta),
                                                rpb_grad ? acc_data<scalar_t>(ds) : nullptr,
                                                rpb_grad ? cuda::data<scalar_t>(drpb) : nullptr};
-    C10_CUDA_CHECK(win::neighborhood_backward(p));
+    PK_CUDA_CHECK(win::neighborhood_backward(p));
   });
   return {dq, dk, dv, drpb};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("neighborhood_attention_2d", &neighborhood_attention_2d_cuda);
   m.impl("neighborhood_attention_2d_backward", &neighborhood_attention_2d_backward_cuda);
 }

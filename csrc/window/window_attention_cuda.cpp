@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q, co
   const WindowDims d =
       check_window_attention(op, q, k, v, spatial_shape, window, shift, bias_table, dense_bias, pad_kv);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor out = at::empty({d.batch, d.heads, d.tokens, d.dv}, q.options());
   at::Tensor lse = at::empty({d.batch, d.heads, d.tokens}, q.options().dtype(attention_lse_dtype(q.scalar_type())));
   PK_DISPATCH_FLOATS(q.scalar_type(), "window_attention_cuda", [&] {
@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
       check_window_attention(op, q, k, v, spatial_shape, window, shift, bias_table, dense_bias, pad_kv);
   check_window_attention_backward(op, q, d, out, lse, grad_out);
   check_head_dims(op, d);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const bool dense_grad = bias_grad && dense_bias.has_value(), table_grad = bias_grad && bias_table.has_value();
   at::Tensor dbias = dense_grad   ? at::empty(dense_bias->sizes(), q.options())
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("window_attention", &window_attention_cuda);
   m.impl("window_attention_backward", &window_attention_backward_cuda);
 }
