@@ -3,7 +3,9 @@
 Every op has one meaning (its reference in ``pykernels.reference``) and several engines:
 
 * ``"cpu"``: the C++ engine in ``pykernels._C`` (CPU tensors).
-* ``"cuda"``: the CUDA engine in ``pykernels._C`` (CUDA tensors; built only against a CUDA torch).
+* ``"cuda"``: the CUDA engine in ``pykernels._C`` (CUDA tensors; built only against a CUDA torch), and, in a
+  ``PYKERNELS_CUDA_EMULATE=1`` build, the same kernels and launchers in ``pykernels._cuda_emulated`` for CPU
+  tensors, run by the CUDA emulator (slow: a check of the CUDA engine, never picked by ``auto``).
 * ``"triton"``: Triton kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``).
 * ``"reference"``: plain PyTorch, differentiable by autograd.
 """
@@ -32,8 +34,17 @@ def _load_build_info() -> dict:
     return info
 
 
+def _load_cuda_emulated() -> bool:
+    try:
+        from . import _cuda_emulated  # noqa: F401  (registers the pykernels_cuda_emulated kernels)
+    except ImportError:
+        return False
+    return True
+
+
 # Read once at import: engine selection runs inside traced code, where these must be constants.
 BUILD_INFO = _load_build_info()
+_CUDA_EMULATED = _load_cuda_emulated()
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
@@ -47,6 +58,20 @@ def cpp_available() -> bool:
 
 def cuda_built() -> bool:
     return bool(BUILD_INFO.get("cuda"))
+
+
+def cuda_emulated() -> bool:
+    """Whether the CUDA engine runs on CPU tensors, emulated (a ``PYKERNELS_CUDA_EMULATE=1`` build)."""
+    return _CUDA_EMULATED
+
+
+def namespace(engine: str, device: torch.device) -> str:
+    """The ``torch.ops`` namespace of ``engine``'s ops for tensors on ``device``."""
+    if engine == "triton":
+        return "pykernels_triton"
+    if engine == "cuda" and device.type == "cpu":
+        return "pykernels_cuda_emulated"
+    return "pykernels"
 
 
 def triton_interpreted() -> bool:
@@ -72,8 +97,11 @@ def engine_unavailable_reason(engine: str, device: torch.device) -> str | None:
             return f"the cpu engine takes CPU tensors, got {device.type} tensors"
         return None if cpp_available() else _build_info()["cuda_status"]
     if engine == "cuda":
+        if device.type == "cpu" and cuda_emulated():
+            return None
         if device.type != "cuda":
-            return f"the cuda engine takes CUDA tensors, got {device.type} tensors"
+            return (f"the cuda engine takes CUDA tensors, got {device.type} tensors (CPU tensors only in a "
+                    "PYKERNELS_CUDA_EMULATE=1 build, emulated)")
         return None if cuda_built() else f"pykernels was built without CUDA ({_build_info()['cuda_status']})"
     if engine == "triton":
         if not triton_importable():

@@ -30,6 +30,7 @@ def info() -> dict:
             "reference": True,
         },
         "cuda_status": build.get("cuda_status"),
+        "cuda_emulated": _backend.cuda_emulated(),
         "cuda_device": cuda_device,
         "triton": triton_version,
         "triton_interpreted": _backend.triton_interpreted(),
@@ -58,6 +59,8 @@ def format_info(data: dict | None = None) -> str:
     for key, value in data.items():
         if key == "engines":
             value = ", ".join(f"{k}={_engine_text(k, v, data)}" for k, v in value.items())
+        elif key == "cuda_emulated":
+            value = "yes (backend='cuda' on CPU tensors runs the CUDA engine emulated)" if value else "no"
         elif key == "cuda_device" and value is None:
             value = "none present" if torch.version.cuda else "none (CPU build of torch)"
         lines.append(f"{key:>18}: {value}")

@@ -1,4 +1,5 @@
-"""The Triton engine's twin ops: ``pykernels_triton::<op>`` with the schema of the C++ ``pykernels::<op>``.
+"""The engines' twin ops: ``pykernels_triton::<op>`` (the Triton engine) and, in an emulation build,
+``pykernels_cuda_emulated::<op>`` (the CUDA engine on CPU tensors), with the schema of the C++ ``pykernels::<op>``.
 
 Schemas are read from the C++ declarations (never re-typed); the implementation is looked up by name in
 ``pykernels.triton.<family>`` at call time, so importing pykernels does not import triton.
@@ -10,10 +11,14 @@ import importlib
 import torch
 
 from . import _C  # noqa: F401  (loads the op schemas and the C++ engines)
+from ._backend import cuda_emulated
 
-NAMESPACES = ("pykernels", "pykernels_triton")
+# pykernels_cuda_emulated::<op> (only in a PYKERNELS_CUDA_EMULATE=1 build): the CUDA engine's launchers for CPU
+# tensors, whose kernels _cuda_emulated registered before the schemas below exist.
+NAMESPACES = ("pykernels", "pykernels_triton") + (("pykernels_cuda_emulated",) if cuda_emulated() else ())
 
 _triton_lib = torch.library.Library("pykernels_triton", "DEF")
+_emulated_lib = torch.library.Library("pykernels_cuda_emulated", "DEF") if cuda_emulated() else None
 
 
 def ops(namespace: str):
@@ -34,10 +39,13 @@ def _triton_impl(family: str, op: str):
 
 
 def define_triton_twins(family: str, op_names) -> None:
+    """The Triton twins of ``op_names``, and their emulated CUDA twins where that engine is built."""
     for op in op_names:
         _triton_lib.define(_schema_without_namespace(op))
         for key in ("CPU", "CUDA"):
             _triton_lib.impl(op, _triton_impl(family, op), key)
+        if _emulated_lib is not None:
+            _emulated_lib.define(_schema_without_namespace(op))
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

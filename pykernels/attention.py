@@ -10,7 +10,6 @@ from .reference import attention as ref
 __all__ = ["fused_attention"]
 
 _OP = "pykernels.fused_attention"
-_NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
 
 
 def _check_qkv(q, k, v):
@@ -79,7 +78,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_b
     if engine == "reference":
         return ref.attention(q, k, v, bias, causal, scale, return_attn_mean)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    ns = getattr(torch.ops, _NAMESPACE[engine])
+    ns = getattr(torch.ops, _backend.namespace(engine, q.device))
     if not return_attn_mean:
         return ns.attention(q, k, v, bias, bool(causal), float(scale))[0]
     out, _lse, attn_mean = ns.attention_with_map(q, k, v, bias, bool(causal), float(scale))

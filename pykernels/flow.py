@@ -18,8 +18,6 @@ from .reference import flow as ref
 __all__ = ["attention_flow", "attention_rollout", "max_flow", "max_flow_layered", "maxmin_matmul",
            "soft_maxmin_matmul", "st_flow"]
 
-_NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
-
 
 def _check_operands(op: str, a, b):
     for name, t in (("a", a), ("b", b)):
@@ -55,7 +53,7 @@ def _batched(t: torch.Tensor, batch: torch.Size) -> torch.Tensor:
 
 def _engine(op: str, backend: str, device: torch.device):
     engine = _backend.select(op, backend, device)
-    return engine, (getattr(torch.ops, _NAMESPACE[engine]) if engine != "reference" else None)
+    return engine, (getattr(torch.ops, _backend.namespace(engine, device)) if engine != "reference" else None)
 
 
 def maxmin_matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -24,15 +24,15 @@ ScatterResult = namedtuple("ScatterResult", ["values", "indices"])
 _REDUCES = ("sum", "mean", "max", "min")
 
 
-def _namespace(engine: str) -> str:
-    return "pykernels_triton" if engine == "triton" else "pykernels"
+def _csr_namespace(device: torch.device, engine: str | None = None) -> str:
+    """CSR construction runs on the compiled engine for the device, or on the Triton module's torch code.
 
-
-def _csr_namespace(device: torch.device) -> str:
-    """CSR construction runs on the compiled engine for the device, or on the Triton module's torch code."""
-    if device.type == "cpu" or _backend.cuda_built():
-        return "pykernels"
-    return "pykernels_triton"
+    A scatter on the emulated CUDA engine (``engine="cuda"``, CPU tensors) builds its grouping there too, so
+    the CUDA engine's CSR and position kernels are what it checks.
+    """
+    if device.type == "cpu":
+        return _backend.namespace("cuda", device) if engine == "cuda" else "pykernels"
+    return "pykernels" if _backend.cuda_built() else "pykernels_triton"
 
 
 def _check_index_tensor(op: str, name: str, t: torch.Tensor) -> None:
@@ -232,7 +232,7 @@ def spmm(graph, x: torch.Tensor, edge_weight: torch.Tensor | None = None, reduce
     if engine == "reference":
         out, _ = ref.spmm(csr.row, csr.col, csr.num_rows, x3, w, reduce)
     else:
-        out, _ = getattr(torch.ops, _namespace(engine)).spmm(*csr._kernel_args(), w, x3, reduce)
+        out, _ = getattr(torch.ops, _backend.namespace(engine, x3.device)).spmm(*csr._kernel_args(), w, x3, reduce)
     return out.squeeze(1) if single else out
 
 
@@ -255,7 +255,7 @@ def sddmm(graph, a: torch.Tensor, b: torch.Tensor, *, csr_order: bool = False, b
     if engine == "reference":
         out = ref.sddmm(csr.row, csr.col, a3, b3)
     else:
-        out = getattr(torch.ops, _namespace(engine)).sddmm(*csr._kernel_args(), a3, b3)
+        out = getattr(torch.ops, _backend.namespace(engine, a3.device)).sddmm(*csr._kernel_args(), a3, b3)
     out = out if csr_order else csr.to_edge_order(out)
     return out.squeeze(1) if single else out
 
@@ -281,7 +281,7 @@ def edge_softmax(graph, scores: torch.Tensor, *, num_targets: int | None = None,
     if engine == "reference":
         out = ref.edge_softmax(csr.row, s, csr.num_rows)
     else:
-        out = getattr(torch.ops, _namespace(engine)).edge_softmax(csr.rowptr, s)
+        out = getattr(torch.ops, _backend.namespace(engine, s.device)).edge_softmax(csr.rowptr, s)
     out = out if csr_order else csr.to_edge_order(out)
     return out.squeeze(1) if single else out
 
@@ -320,7 +320,7 @@ def graph_attention(graph, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     if engine == "reference":
         out, weights = ref.graph_attention(csr.row, csr.col, csr.num_rows, q3, k3, v3, float(scale), bias)
     else:
-        ns = getattr(torch.ops, _namespace(engine))
+        ns = getattr(torch.ops, _backend.namespace(engine, q3.device))
         out, _ = ns.graph_attention(*csr._kernel_args(), q3, k3, v3, bias, float(scale))
         if return_attention_weights:
             scores = ns.sddmm(*csr._kernel_args(), q3, k3) * scale
@@ -365,7 +365,7 @@ def scatter(src: torch.Tensor, index: torch.Tensor, dim: int = 0, dim_size: int 
     flat = moved.reshape(moved.size(0), 1, rest.numel())
     engine = _backend.select(op, backend, src.device)
     positions = torch.arange(index.numel(), device=index.device, dtype=index.dtype)
-    ns = getattr(torch.ops, _csr_namespace(src.device))
+    ns = getattr(torch.ops, _csr_namespace(src.device, engine))
     rowptr, col, _ = ns.coo_to_csr(index, positions, dim_size, index.numel(), f"{op}: index")
     if engine == "reference":
         out, arg = ref.scatter(flat, index.long(), dim_size, reduce)
@@ -376,8 +376,8 @@ def scatter(src: torch.Tensor, index: torch.Tensor, dim: int = 0, dim_size: int 
             row = torch.repeat_interleave(torch.arange(dim_size, device=src.device),
                                           rowptr[1:] - rowptr[:-1], output_size=index.numel())
             rowptr_t, col_t, perm_t = ns.coo_to_csr(col, row, index.numel(), dim_size, f"{op}: index")
-        out, arg = getattr(torch.ops, _namespace(engine)).spmm(rowptr, col, rowptr_t, col_t, perm_t, None,
-                                                               flat.contiguous(), reduce)
+        engine_ops = getattr(torch.ops, _backend.namespace(engine, src.device))
+        out, arg = engine_ops.spmm(rowptr, col, rowptr_t, col_t, perm_t, None, flat.contiguous(), reduce)
         if reduce in ("max", "min"):
             # arg holds CSR positions (-1 for empty groups); col maps them to positions in src, and empty
             # groups get src.size(dim). In place: a [dim_size, F] int64 copy costs more than the reduction

@@ -10,7 +10,6 @@ from .reference import neighborhood as ref
 __all__ = ["neighborhood_attention_2d"]
 
 _OP = "pykernels.neighborhood_attention_2d"
-_NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
 
 
 def _check_geometry(spatial_shape, kernel_size, dilation):
@@ -60,6 +59,6 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if engine == "reference":
         return ref.neighborhood_attention_2d(q, k, v, spatial, kernel, dil, rpb, scale)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    ns = getattr(torch.ops, _NAMESPACE[engine])
+    ns = getattr(torch.ops, _backend.namespace(engine, q.device))
     out, _ = ns.neighborhood_attention_2d(q, k, v, list(spatial), list(kernel), list(dil), rpb, float(scale))
     return out

@@ -20,6 +20,18 @@ def engines_for(device: torch.device | str = "cpu") -> list[str]:
     return [e for e in _backend.ENGINES if _backend.engine_unavailable_reason(e, device) is None]
 
 
+def runs_interpreted(device: torch.device | str, engine: str) -> bool:
+    """Whether ``engine`` runs its kernels one interpreted or emulated thread at a time on ``device``: Triton
+    on CPU tensors (``TRITON_INTERPRET=1``) and the CUDA engine on CPU tensors (the emulator). Tests give those
+    runs small shapes of their own, which keep them affordable."""
+    return torch.device(device).type == "cpu" and engine in ("triton", "cuda")
+
+
+def namespaces() -> list[str]:
+    """The ``torch.ops`` namespaces of the engines this process can run on CPU tensors (for opcheck)."""
+    return sorted({_backend.namespace(e, torch.device("cpu")) for e in engines_for("cpu") if e != "reference"})
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0,
                  msg: str = "") -> None:
     """Compares ``actual`` with a (usually float64) ``expected`` using the tolerance of ``dtype``."""

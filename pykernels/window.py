@@ -17,8 +17,6 @@ from .reference import window as ref
 
 __all__ = ["msw_msa", "msw_msa_shift", "swin_window_shift", "window_attention"]
 
-_NAMESPACE = {"cpu": "pykernels", "cuda": "pykernels", "triton": "pykernels_triton"}
-
 
 def swin_window_shift(spatial_shape, window_size, shift_size=0) -> tuple[tuple[int, int], tuple[int, int]]:
     """The window and shift Swin uses on an ``(H, W)`` grid, as timm's ``_calc_window_shift`` decides them.
@@ -115,7 +113,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
     if engine == "reference":
         return ref.window_attention(q, k, v, spatial, window, shift, bias_table, dense_bias, pad, shift_mask, scale)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    ns = getattr(torch.ops, _NAMESPACE[engine])
+    ns = getattr(torch.ops, _backend.namespace(engine, q.device))
     out, _ = ns.window_attention(q, k, v, list(spatial), list(window), list(shift), bias_table, dense_bias, pad,
                                  shift_mask, scale)
     return out

@@ -10,8 +10,19 @@ if not torch.cuda.is_available():
 torch.manual_seed(0)
 
 
+def _cuda_emulated(item) -> bool:
+    """A test of the CUDA engine on CPU tensors (the emulation build): -m cuda_emulated selects them."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("namespace") == "pykernels_cuda_emulated":
+        return True
+    return params.get("engine") == "cuda" and str(params.get("device", "cpu")) == "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords and not torch.cuda.is_available():
+        # An engine-only parametrisation names the emulated run "cuda" too; it needs no device.
+        if _cuda_emulated(item):
+            item.add_marker(pytest.mark.cuda_emulated)
+        elif "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)

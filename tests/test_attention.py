@@ -4,7 +4,7 @@ import torch
 
 import pykernels as pk
 from pykernels.reference import attention as ref
-from pykernels.testing import assert_close, assert_low_precision_error, engines_for
+from pykernels.testing import assert_close, assert_low_precision_error, engines_for, namespaces, runs_interpreted
 
 pytestmark = pytest.mark.attention
 
@@ -21,14 +21,15 @@ SHAPES = [
     (1, 1, 1, 33, 65, 256, 256),
     (2, 3, 3, 100, 13, 128, 64),
 ]
-# The interpreter runs Triton kernels in Python: it gets a smaller set, which keeps CI in minutes.
+# The Triton interpreter and the CUDA emulator run one thread at a time: they get a smaller set, which keeps CI
+# in minutes.
 SMALL_SHAPES = [(1, 2, 2, 1, 1, 8, 8), (2, 4, 2, 7, 19, 40, 40), (1, 2, 1, 17, 9, 64, 32)]
 LARGE = [(1, 2, 2, 1000, 1000, 64, 64)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 CASES = [pytest.param(p.values[0], p.values[1], shape, id=f"{p.id}-{'x'.join(map(str, shape))}", marks=p.marks)
-         for p in ENGINES for shape in (SMALL_SHAPES if p.values[1] == "triton" else SHAPES)]
+         for p in ENGINES for shape in (SMALL_SHAPES if runs_interpreted(*p.values) else SHAPES)]
 
 
 def _inputs(shape, dtype, device, seed=0, bias="none", requires_grad=True):
@@ -96,7 +97,8 @@ def test_attention_matches_reference(device, engine, shape, dtype, causal, bias)
         _check(got, want, ev, dtype, scale=16, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("device,engine", [p for p in ENGINES if p.values[1] != "triton"])
+@pytest.mark.parametrize("device,engine",
+                         [p for p in ENGINES if p.values[1] != "triton" and not runs_interpreted(*p.values)])
 def test_attention_long_sequence(device, engine):
     shape = LARGE[0]
     q, k, v, _ = _inputs(shape, torch.float32, device, requires_grad=False)
@@ -210,7 +212,7 @@ def test_cpu_attention_with_map_matches_the_two_ops(nq, nk, causal):
 
 # ----------------------------------------------------------------------------------- opcheck / gradcheck
 
-NAMESPACES = ["pykernels"] + (["pykernels_triton"] if "triton" in engines_for("cpu") else [])
+NAMESPACES = namespaces()
 
 
 def _op_args(requires_grad):

@@ -9,6 +9,7 @@ import torch
 
 import pykernels as pk
 from pykernels import _backend, _graph_ops
+from pykernels.testing import engines_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,14 @@ def test_cli_info_prints_engines_and_versions():
     out = subprocess.run([sys.executable, "-m", "pykernels", "info"], check=True, capture_output=True, text=True,
                          cwd=ROOT).stdout
     assert "engines: cpu=yes" in out and torch.__version__ in out and "threads" in out
+
+
+def test_info_reports_whether_the_cuda_engine_runs_emulated():
+    assert pk.info()["cuda_emulated"] == _backend.cuda_emulated()
+    assert ("cuda" in engines_for("cpu")) == _backend.cuda_emulated()
+    out = subprocess.run([sys.executable, "-m", "pykernels", "info"], check=True, capture_output=True, text=True,
+                         cwd=ROOT).stdout
+    assert re.search(r"cuda_emulated: " + ("yes" if _backend.cuda_emulated() else "no"), out)
 
 
 def test_every_graph_op_has_a_cpu_kernel_and_a_triton_twin():

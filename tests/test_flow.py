@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import pykernels as pk
+from pykernels import _backend
 from pykernels.reference import flow as ref
-from pykernels.testing import TOLERANCES, assert_close, assert_low_precision_error, engines_for
+from pykernels.testing import (TOLERANCES, assert_close, assert_low_precision_error, engines_for, namespaces,
+                               runs_interpreted)
 
 pytestmark = pytest.mark.flow
 
@@ -27,7 +29,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TEMPERATURES = [1e-4, 0.01, 1.0]
 
 CASES = [pytest.param(p.values[0], p.values[1], shapes, id=f"{p.id}-{i}", marks=p.marks)
-         for p in ENGINES for i, shapes in enumerate(SMALL_SHAPES if p.values[1] == "triton" else SHAPES)]
+         for p in ENGINES for i, shapes in enumerate(SMALL_SHAPES if runs_interpreted(*p.values) else SHAPES)]
 
 
 def _maps(shape_a, shape_b, dtype, device="cpu", seed=0, levels=None, requires_grad=False):
@@ -81,7 +83,7 @@ def test_hard_product_gradients(device, engine, shapes, dtype):
 def test_ties_go_to_the_lowest_k_and_to_a(device, engine):
     # Values from 3 levels: most outputs have several maximising k and many a == b.
     a, b = _maps((4, 9, 12), (4, 12, 10), torch.float64, device, levels=3, requires_grad=True)
-    out, argk = getattr(torch.ops, "pykernels_triton" if engine == "triton" else "pykernels").maxmin_matmul(a, b)
+    out, argk = getattr(torch.ops, _backend.namespace(engine, torch.device(device))).maxmin_matmul(a, b)
     mins = torch.minimum(a.unsqueeze(-1), b.unsqueeze(-3))
     assert (mins == out.unsqueeze(-2)).sum(-2).gt(1).any(), "the test needs ties"
     assert torch.equal(argk.long(), mins.argmax(-2))
@@ -98,7 +100,7 @@ def test_hard_product_nan_and_infinities(device, engine):
     b[1, 1, 4] = float("nan")
     a[1, 0, :] = float("-inf")
     b[0, :, 0] = float("inf")
-    ns = getattr(torch.ops, "pykernels_triton" if engine == "triton" else "pykernels")
+    ns = getattr(torch.ops, _backend.namespace(engine, torch.device(device)))
     out, argk = ns.maxmin_matmul(a, b)
     expected = _broadcast_formula(a, b)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
@@ -209,7 +211,7 @@ def test_results_do_not_depend_on_the_thread_count():
 
 # ------------------------------------------------------------------------------ opcheck, gradcheck, compile
 
-NAMESPACES = ["pykernels"] + (["pykernels_triton"] if "triton" in engines_for("cpu") else [])
+NAMESPACES = namespaces()
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

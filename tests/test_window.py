@@ -5,16 +5,16 @@ import torch
 
 import pykernels.window as pkw
 from pykernels.reference import window as ref
-from pykernels.testing import assert_close, assert_low_precision_error, engines_for
+from pykernels.testing import assert_close, assert_low_precision_error, engines_for, runs_interpreted
 
 pytestmark = pytest.mark.window
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ENGINES = [pytest.param(d, e, id=f"{d}-{e}", marks=[pytest.mark.cuda] if d == "cuda" else [])
            for d in DEVICES for e in engines_for(d) if e != "reference"]
-# The interpreter runs Triton kernels in Python: on CPU tensors it gets SMALL_CASES and skips the large,
-# repeated and gradcheck tests (COMPILED), which keeps its share of CI near a minute.
-INTERPRETED = [p for p in ENGINES if p.values == ("cpu", "triton")]
+# The Triton interpreter and the CUDA emulator run one thread at a time: on CPU tensors they get SMALL_CASES and
+# skip the large, repeated and gradcheck tests (COMPILED), which keeps each one's share of CI near a minute.
+INTERPRETED = [p for p in ENGINES if runs_interpreted(*p.values)]
 COMPILED = [p for p in ENGINES if p not in INTERPRETED]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (spatial_shape, window, shift, D, bias, pad_kv): windows 1, 2, 7, 8, 12 and a rectangle; shifts 0, 1 and
