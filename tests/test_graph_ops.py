@@ -439,16 +439,24 @@ def test_unavailable_engine_is_a_clear_error():
         pk.spmm(torch.tensor([[0], [0]]), torch.ones(1, 2), backend="cuda")
 
 
-def test_arg_to_source_maps_csr_positions_and_rejects_out_of_range_ones():
+@pytest.mark.parametrize("namespace", OPCHECK_NAMESPACES)
+def test_arg_to_source_maps_csr_positions_and_rejects_out_of_range_ones(namespace):
+    ns = getattr(torch.ops, namespace)
     col = torch.tensor([4, 2, 7])
     arg = torch.tensor([[2, -1], [0, 1]])
-    torch.ops.pykernels.arg_to_source_(arg, col, 9)
+    ns.arg_to_source_(arg, col, 9)
     assert arg.tolist() == [[7, 9], [4, 2]]
-    with pytest.raises(IndexError, match=r"pykernels.arg_to_source_: arg holds 3 at flat position 1, out of range "
-                                         r"for 3 CSR positions"):
-        torch.ops.pykernels.arg_to_source_(torch.tensor([0, 3]), col, 9)
-    with pytest.raises(RuntimeError, match=r"arg and col must be int64"):
-        torch.ops.pykernels.arg_to_source_(torch.tensor([0], dtype=torch.int32), col, 9)
+    # scatter of an empty index into dim_size > 0 groups: every group is empty and there is no col to read.
+    arg = torch.full((2, 3), -1)
+    ns.arg_to_source_(arg, col[:0], 0)
+    assert arg.tolist() == [[0, 0, 0], [0, 0, 0]]
+    for bad, value in (([0, 3], 3), ([0, -2], -2)):
+        with pytest.raises(IndexError, match=rf"pykernels.arg_to_source_: arg holds {value} at flat position 1, "
+                                             r"out of range for 3 CSR positions"):
+            ns.arg_to_source_(torch.tensor(bad), col, 9)
+    if namespace != "pykernels_triton":  # only the C++ launchers check the dtypes
+        with pytest.raises(RuntimeError, match=r"arg and col must be int64"):
+            ns.arg_to_source_(torch.tensor([0], dtype=torch.int32), col, 9)
 
 
 def test_direct_kernel_calls_are_checked():

@@ -54,12 +54,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coo_to_csr_cuda(const at::Tensor&
   return {rowptr, col_out, perm};
 }
 
-// Device memory is cached by the allocator, so plain ATen ops serve here; arg comes from this library's own
-// spmm, so its values are in range.
+// Device memory is cached by the allocator, so plain ATen ops serve here. at::where evaluates both branches, so
+// the gather runs for every position: one outside [-1, E) would be a device-side assert that poisons the
+// context, hence the range check (one sync, as the CPU engine's IndexError), and with no edges at all (scatter
+// of an empty index into dim_size > 0 groups) every position is -1 and there is no col to gather from.
 void arg_to_source_cuda(at::Tensor& arg, const at::Tensor& col, int64_t empty) {
-  check_arg_to_source("pykernels.arg_to_source_", arg, col);
+  constexpr const char* op = "pykernels.arg_to_source_";
+  check_arg_to_source(op, arg, col);
   const cuda::DeviceGuard guard(arg.device());
   const at::Tensor flat = arg.view({-1});
+  const int64_t num_edges = col.numel();
+  const at::Tensor out_of_range = at::logical_or(flat < -1, flat >= num_edges);
+  if (out_of_range.any().item<bool>()) {
+    const int64_t pos = out_of_range.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": arg holds ", flat[pos].item<int64_t>(), " at flat position ", pos,
+                      ", out of range for ", num_edges, " CSR positions");
+  }
+  if (num_edges == 0) {
+    flat.fill_(empty);
+    return;
+  }
   flat.copy_(at::where(flat >= 0, col.index_select(0, flat.clamp_min(0)), empty));
 }
 

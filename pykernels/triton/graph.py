@@ -81,8 +81,21 @@ def coo_to_csr(row, col, num_rows, num_cols, context):
 
 
 def arg_to_source_(arg, col, empty):
-    """arg = col[arg] in place, ``empty`` where arg is -1 (an empty row)."""
+    """arg = col[arg] in place, ``empty`` where arg is -1 (an empty row).
+
+    torch.where evaluates both branches, so the gather runs for every position: one outside [-1, E) must be an
+    IndexError here (as in the C++ engines), not a device-side assert, and with no edges (scatter of an empty
+    index into dim_size > 0 groups) every position is -1 and there is no col to gather from.
+    """
     flat = arg.view(-1)
+    bad = torch.logical_or(flat < -1, flat >= col.numel()).nonzero()
+    if bad.numel():
+        pos = int(bad[0, 0])
+        raise IndexError(f"pykernels.arg_to_source_: arg holds {int(flat[pos])} at flat position {pos}, out of "
+                         f"range for {col.numel()} CSR positions")
+    if col.numel() == 0:
+        flat.fill_(empty)
+        return
     flat.copy_(torch.where(flat >= 0, col.index_select(0, flat.clamp(min=0)), empty))
 
 
