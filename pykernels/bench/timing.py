@@ -1,12 +1,20 @@
 """Timing and peak-memory measurement shared by every benchmark family."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.utils.benchmark
+
+# torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on a CUDA build of torch
+# without a GPU: true, and nothing a reader of the report can act on.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+import torch.utils.benchmark  # noqa: E402
 
 
 @dataclass
@@ -69,6 +77,22 @@ def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
     return _summary(times)
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """kineto writes a line straight to file descriptor 2 at every profiler start and stop (and, with a CUDA
+    build of torch and no GPU, an error about the device count); between progress-bar updates that flooded
+    the report. Python exceptions still propagate; only C-level writes during the session are dropped."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_mb(fn, device: torch.device) -> float:
     """Peak bytes held by the torch allocator during one call of ``fn``, above what was held before.
 
@@ -84,7 +108,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
