@@ -8,6 +8,8 @@ it replaces:
   :func:`pykernels.fused_attention`: the root module's ``forward`` is wrapped (an instance attribute) in a
   function that enters a ``TorchFunctionMode`` for the call. Mode stacks are thread-local, so another thread
   running the same or another model is untouched, and the mode is left on exceptions.
+* A Hugging Face transformers ``PreTrainedModel`` is switched to ``attn_implementation="pykernels"``
+  (:mod:`pykernels.integrations.transformers`), so its attention modules call the fused kernel themselves.
 * timm's ``SwinTransformerBlock`` (v1) gets a per-instance ``_attn`` that runs :func:`pykernels.window_attention`
   on the un-partitioned map with the block's own weights.
 
@@ -94,13 +96,16 @@ class AccelerateReport:
 
     * ``swapped``: ``nn.MultiheadAttention`` modules made :class:`pykernels.nn.MultiheadAttention`;
     * ``routed``: modules whose forward routes ``F.scaled_dot_product_attention`` to the fused kernel;
+    * ``switched``: transformers ``PreTrainedModel`` modules switched to ``attn_implementation="pykernels"``;
     * ``windowed``: timm ``SwinTransformerBlock`` modules whose window attention runs ``window_attention``;
     * ``calls``: ``{(path, outcome): n}`` with path ``"sdpa"`` or ``"swin"`` and outcome ``"served"`` or the
-      reason the call ran the original code; it updates as the model runs.
+      reason the call ran the original code; it updates as the model runs. Path ``"transformers"`` counts the
+      calls of a switched model's attention modules.
     """
 
     swapped: list[str] = field(default_factory=list)
     routed: list[str] = field(default_factory=list)
+    switched: list[str] = field(default_factory=list)
     windowed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calls: collections.Counter = field(default_factory=collections.Counter)
@@ -113,10 +118,12 @@ class AccelerateReport:
         return {why: n for (p, why), n in self.calls.items() if p == path and why != "served"}
 
     def __str__(self) -> str:
-        changed = len(self.swapped) + len(self.routed) + len(self.windowed)
+        changed = len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed)
         lines = [f"pykernels.accelerate: {changed} changed, {len(self.skipped)} skipped"]
         lines += [f"  swapped  {name or '<root>'}" for name in self.swapped]
         lines += [f"  routed   {name or '<root>'}: F.scaled_dot_product_attention" for name in self.routed]
+        lines += [f"  switched {name or '<root>'}: transformers attn_implementation='pykernels'"
+                  for name in self.switched]
         lines += [f"  windowed {name or '<root>'}" for name in self.windowed]
         lines += [f"  skipped  {name or '<root>'}: {why}" for name, why in self.skipped]
         lines += [f"  calls    {path} {outcome}: {n}" for (path, outcome), n in sorted(self.calls.items())]
@@ -344,6 +351,9 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
       ``report.calls``: dropout, ``is_causal`` with a mask, nested tensors and tensor subclasses, autocast,
       devices without a pykernels engine, mismatched dtypes or shapes (torch then raises its own error).
       Only calls through the model's own ``forward`` are routed; a submodule called directly is not.
+      A transformers ``PreTrainedModel`` is switched with ``set_attn_implementation("pykernels")``
+      (:func:`pykernels.integrations.transformers.attention_forward`; ``backend="auto"`` only, a pinned backend
+      leaves it to the SDPA route); per-head weights (``output_attentions``) run the model's eager attention.
     * ``"window"`` family: timm ``SwinTransformerBlock`` (v1) modules run their shifted-window attention with
       :func:`pykernels.window_attention` on the un-partitioned map, with the block's own weights. SwinV2 blocks
       are reported as skipped. A call that the kernel would not compute as timm does (attention dropout in
@@ -378,6 +388,9 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
         else:
             routed.route_sdpa, routed.backend = True, backend
             report.routed.append("")
+        from .integrations import transformers  # it builds on this module
+
+        transformers.switch_models(model, backend, report)
     if "window" in families:
         _window_swin_blocks(model, backend, tally, report)
     return report
@@ -419,6 +432,8 @@ def restore(model: nn.Module) -> nn.Module:
     """Undoes :func:`accelerate` on ``model`` and all its submodules (also those accelerated by separate calls):
     swapped ``MultiheadAttention`` modules get torch's class back, routed forwards and Swin overrides are removed.
     Modules built as pykernels modules by the user are left as they are. Returns ``model``."""
+    from .integrations import transformers
+
     for module in model.modules():
         attributes = module.__dict__
         routed = attributes.get("forward")
@@ -429,6 +444,7 @@ def restore(model: nn.Module) -> nn.Module:
                 module.forward = routed.previous
         if isinstance(attributes.get("_attn"), _SwinWindowAttn):
             del module._attn
+        transformers.restore_model(module)
         if attributes.pop("_pykernels_swapped", False):
             module.__class__ = nn.MultiheadAttention
             del module.backend
