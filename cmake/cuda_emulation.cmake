@@ -21,8 +21,11 @@ endforeach()
 set_source_files_properties(${_emu_kernel_units} PROPERTIES COMPILE_OPTIONS
   "-O1;-g;-fsanitize=thread;--param=tsan-instrument-func-entry-exit=0")
 
-pybind11_add_module(_cuda_emulated MODULE csrc/emulation/cuda_emulation.cpp csrc/emulation/emulated_module.cpp
-                    ${_emu_kernel_units} ${_emu_launchers})
+# NO_EXTRAS: no LTO, which would move the instrumented code generation to a link without -fsanitize=thread and let
+# the uninstrumented runtime inline into kernels, and no strip: the emulator names kernels from the symbol table
+# and finds file:line with addr2line in the debug info.
+pybind11_add_module(_cuda_emulated MODULE NO_EXTRAS csrc/emulation/cuda_emulation.cpp
+                    csrc/emulation/emulated_module.cpp ${_emu_kernel_units} ${_emu_launchers})
 # The stub cuda_runtime.h, cuda_fp16.h and cub/ headers come before anything else named so.
 target_include_directories(_cuda_emulated BEFORE PRIVATE csrc/emulation/include)
 target_include_directories(_cuda_emulated PRIVATE csrc csrc/emulation)
@@ -37,5 +40,6 @@ target_compile_definitions(_cuda_emulated PRIVATE _GLIBCXX_USE_CXX11_ABI=${PK_TO
                            TORCH_EXTENSION_NAME=_cuda_emulated)
 # -g for the file:line of the emulator's reports (addr2line); the launchers and runtime need no more than -O1.
 target_compile_options(_cuda_emulated PRIVATE -O1 -g -Wall -Wno-unused-function)
-install(TARGETS _cuda_emulated LIBRARY DESTINATION pykernels)
+# As a file, not a target: scikit-build-core installs targets with --strip.
+install(PROGRAMS $<TARGET_FILE:_cuda_emulated> DESTINATION pykernels)
 message(STATUS "pykernels: emulated CUDA engine on (pykernels/_cuda_emulated)")
