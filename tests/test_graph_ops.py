@@ -264,6 +264,22 @@ def test_results_are_bitwise_deterministic(device, engine):
         assert all(torch.equal(a, b) for a, b in zip(first, run()))
 
 
+@pytest.mark.parametrize("device,engine", [  # a minute in the emulator: 6.3M emulated threads
+    pytest.param(*p.values, id=p.id, marks=[*p.marks, *([pytest.mark.slow] if p.values == ("cpu", "cuda") else [])])
+    for p in ENGINE_PARAMS if p.values[1] in ("cpu", "cuda")])
+def test_spmm_past_65535_feature_tiles(device, engine):
+    # H * F = 32 * 65535 + 3 features take 65536 tiles of 32 lanes on the CUDA engine's scalar path: more than
+    # gridDim.y allows (the emulator names the kernel and its grid when a launch exceeds it).
+    ei = torch.tensor([[0, 1], [0, 0]], device=device)
+    x = torch.randn(2, 1, 32 * 65535 + 3, device=device, requires_grad=True)
+    out = pk.spmm(ei, x, reduce="max", backend=engine)[0]  # node 1 receives no edge
+    assert torch.equal(out, torch.maximum(x[0], x[1]))
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(grad, torch.stack([x[0] >= x[1], x[0] < x[1]]).to(x.dtype))
+    x = x.detach()
+    assert torch.equal(pk.spmm(ei, x, backend=engine)[0], x[0] + x[1])
+
+
 @pytest.mark.slow
 def test_index_math_past_2_31_elements():
     # x spans more than 2^31 elements; only the rows the edges read are touched, so the pages stay virtual.

@@ -183,6 +183,17 @@ inline unsigned blocks_for(int64_t items, int64_t threads_per_item) {
   return static_cast<unsigned>((items * threads_per_item + kBlockThreads - 1) / kBlockThreads);
 }
 
+// gridDim.y and gridDim.z are at most 65535: a y extent that may exceed it (feature tiles: H * F / (G * V)
+// passes 65535 near 2.1M features) is split over y and z, and the kernel reads its tile from tile_y().
+inline dim3 grid_with_y_tiles(unsigned x, int64_t y_tiles) {
+  const int64_t y = y_tiles < 65535 ? y_tiles : 65535;
+  return dim3(x, static_cast<unsigned>(y), static_cast<unsigned>((y_tiles + y - 1) / y));
+}
+// The last z slice may hold tiles past the end; their lanes find f >= H * F and stay inactive.
+__device__ __forceinline__ int64_t tile_y() {
+  return static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+}
+
 inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }

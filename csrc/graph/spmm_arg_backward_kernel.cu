@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kBlockThreads) grad_x_kernel(SpmmArgBackwardPa
   const index_t src = LaneGroup<G>::id();
   if (src >= p.transpose.num_rows) return;
   const index_t hf = p.heads * p.feats;
-  const index_t f = (static_cast<index_t>(blockIdx.y) * G + group.lane) * V;
+  const index_t f = (static_cast<index_t>(tile_y()) * G + group.lane) * V;
   const bool active = f < hf;
   const index_t h = f / p.feats;
   A acc[V] = {};
@@ -81,7 +81,7 @@ void launch(const SpmmArgBackwardParams<T>& p) {
   if (p.transpose.num_rows > 0 && hf > 0)
     dispatch_group_size(group_size_for((hf + V - 1) / V), [&](auto g) {
       constexpr int G = decltype(g)::value;
-      const dim3 grid(blocks_for(p.transpose.num_rows, G), static_cast<unsigned>((hf + G * V - 1) / (G * V)));
+      const dim3 grid = grid_with_y_tiles(blocks_for(p.transpose.num_rows, G), (hf + G * V - 1) / (G * V));
       PK_LAUNCH(grid, kBlockThreads, 0, p.stream, grad_x_kernel<T, G, V>)(p);
     });
   // Runs even when feats == 0: every edge then gets a zero weight gradient.

@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(kBlockThreads) spmm_sum_kernel(SpmmParams<T> p
   const index_t row = LaneGroup<G>::id();
   if (row >= p.graph.num_rows) return;
   const index_t hf = p.heads * p.feats;
-  const index_t f = (static_cast<index_t>(blockIdx.y) * G + group.lane) * V;
+  const index_t f = (static_cast<index_t>(tile_y()) * G + group.lane) * V;
   const bool active = f < hf;
   const index_t h = f / p.feats;
   const index_t begin = p.graph.rowptr[row], end = p.graph.rowptr[row + 1];
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kBlockThreads) spmm_arg_kernel(SpmmParams<T> p
   const index_t row = LaneGroup<G>::id();
   if (row >= p.graph.num_rows) return;
   const index_t hf = p.heads * p.feats;
-  const index_t f = (static_cast<index_t>(blockIdx.y) * G + group.lane) * V;
+  const index_t f = (static_cast<index_t>(tile_y()) * G + group.lane) * V;
   const bool active = f < hf;
   const index_t h = f / p.feats;
   A best[V];
@@ -82,7 +82,7 @@ template <typename T, int V>
 void launch(const SpmmParams<T>& p, int64_t hf) {
   dispatch_group_size(group_size_for((hf + V - 1) / V), [&](auto g) {
     constexpr int G = decltype(g)::value;
-    const dim3 grid(blocks_for(p.graph.num_rows, G), static_cast<unsigned>((hf + G * V - 1) / (G * V)));
+    const dim3 grid = grid_with_y_tiles(blocks_for(p.graph.num_rows, G), (hf + G * V - 1) / (G * V));
     if (p.reduce == Reduce::kMax || p.reduce == Reduce::kMin)
       PK_LAUNCH(grid, kBlockThreads, 0, p.stream, spmm_arg_kernel<T, G, V>)(p, p.reduce == Reduce::kMax);
     else
