@@ -4,8 +4,9 @@
 #   ./run.sh bench [bench args...]      build + the benchmark report (default: --quick)
 #   ./run.sh setup                      build only
 # Python: $PYTHON if set, else the active virtual environment, else ./.venv (created on first use).
-# PYKERNELS_CUDA=auto|on|off picks whether the CUDA engine is built (see README); the build folder
-# build/editable is reused, so a second run recompiles only what changed.
+# PYKERNELS_CUDA=auto|on|off picks whether the CUDA engine is built (see README). `test` also builds the CUDA
+# engine's emulation (PYKERNELS_CUDA_EMULATE=1, unless set to 0), whose tests run the CUDA kernels on the CPU.
+# The build folder build/editable is reused, so a second run recompiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -47,7 +48,7 @@ command=${1:-test}
 shift || true
 case "$command" in
   setup) setup ;;
-  test) setup; exec "$PYTHON" -m pytest "$@" ;;
+  test) export PYKERNELS_CUDA_EMULATE=${PYKERNELS_CUDA_EMULATE:-1}; setup; exec "$PYTHON" -m pytest "$@" ;;
   bench) setup; if [ $# -eq 0 ]; then set -- --quick; fi; exec "$PYTHON" -m pykernels bench "$@" ;;
   *) echo "usage: ./run.sh test|bench|setup [args...]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,5 @@
 """The build and the package: extension loads, engines are reported, CLI works, schemas are declared once."""
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,13 @@ def test_threads_are_respected():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(os.environ.get("PYKERNELS_CUDA_EMULATE", "0").upper() in ("", "0", "OFF"),
+                    reason="the CUDA emulation was not asked for in this build")
+def test_an_emulation_build_loads_its_module():
+    # Without this a failed import would silently drop every emulated test (engines_for would not list cuda).
+    assert pk.info()["cuda_emulated"], _backend.BUILD_INFO
+    from pykernels.testing import engines_for
+
+    assert "cuda" in engines_for("cpu")
