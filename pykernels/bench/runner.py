@@ -8,6 +8,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -163,6 +164,9 @@ def plot_family(rows: list[dict], name: str, title: str, path: Path) -> bool:
 
 
 def run(args) -> int:
+    # PyG's import still runs torch.jit.script, which torch 2.14 marks deprecated: a warning about a
+    # dependency's internals, which would otherwise be the first thing the report prints.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
     families = args.only or list(FAMILIES)
