@@ -25,6 +25,11 @@ pybind11::dict build_info() {
   info["cpu_dispatch"] = "default";
 #endif
   info["torch_built_with"] = PK_TORCH_VERSION;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
   return info;
 }
 

@@ -102,3 +102,10 @@ def test_an_emulation_build_loads_its_module():
     from pykernels.testing import engines_for
 
     assert "cuda" in engines_for("cpu")
+
+
+def test_cpu_kernels_are_compiled_with_the_parallel_backend_torch_uses():
+    # at::parallel_for is inline: compiled without -fopenmp against an OpenMP torch, every CPU kernel runs on one
+    # thread while giving the same results (this once cost the whole CPU engine half its speed on 2 cores).
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert _backend.BUILD_INFO["openmp"] is True
