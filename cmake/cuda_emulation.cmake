@@ -30,11 +30,8 @@ pybind11_add_module(_cuda_emulated MODULE NO_EXTRAS csrc/emulation/cuda_emulatio
 target_include_directories(_cuda_emulated BEFORE PRIVATE csrc/emulation/include)
 target_include_directories(_cuda_emulated PRIVATE csrc csrc/emulation)
 target_include_directories(_cuda_emulated SYSTEM PRIVATE ${PK_TORCH_INCLUDE_DIRS})
-foreach(_lib IN ITEMS c10 torch torch_cpu torch_python)
-  find_library(_path NAMES ${_lib} PATHS "${PK_TORCH_LIB_DIR}" NO_DEFAULT_PATH NO_CACHE REQUIRED)
-  target_link_libraries(_cuda_emulated PRIVATE "${_path}")
-  unset(_path)
-endforeach()
+pk_torch_libraries(_emu_torch_libs c10 torch torch_cpu torch_python)
+target_link_libraries(_cuda_emulated PRIVATE ${_emu_torch_libs})
 target_link_libraries(_cuda_emulated PRIVATE ${CMAKE_DL_LIBS})
 target_compile_definitions(_cuda_emulated PRIVATE _GLIBCXX_USE_CXX11_ABI=${PK_TORCH_CXX11_ABI} PK_CUDA_EMULATION=1
                            TORCH_EXTENSION_NAME=_cuda_emulated)
