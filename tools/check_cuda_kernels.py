@@ -7,12 +7,21 @@ need torch's CUDA headers; where torch is importable they are syntax-checked wit
 against its headers (a CPU wheel ships them too). Prints one line per file and exits non-zero, with the
 compiler's output, if any file fails.
 
+--resource-usage reads a built extension instead (default: the importable pykernels._C) and prints each
+CUDA kernel's registers, stack frame, local memory and static shared memory per arch, from
+``cuobjdump --dump-resource-usage``: the SASS CMake built is what runs, and reading it costs about a
+second where recompiling with ``-Xptxas -v`` would cost the whole CUDA build again. ptxas keeps spilled
+registers in the stack frame, so STACK > 0 flags a kernel that spills (or keeps a local array); the exact
+spill bytes are in ptxas's ``-v`` report only. Exits non-zero above the arch's shared-memory limit.
+
     python tools/check_cuda_kernels.py [--jobs N] [--allow-missing]
+    python tools/check_cuda_kernels.py --resource-usage [EXTENSION.so]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +42,85 @@ def find_nvcc() -> str | None:
         if home and (Path(home) / "bin" / "nvcc").is_file():
             return str(Path(home) / "bin" / "nvcc")
     return None
+
+
+# Shared memory one block may opt into: A100 163 KiB, H100 227 KiB.
+SMEM_LIMIT = {"80": 163 * 1024, "90": 227 * 1024}
+
+
+def find_cuobjdump() -> str | None:
+    nvcc = find_nvcc()
+    candidates = [shutil.which("cuobjdump"), nvcc and str(Path(nvcc).with_name("cuobjdump"))]
+    try:  # Triton ships one next to its ptxas
+        import triton
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def resource_usage(cuobjdump: str, binary: Path) -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, mangled kernel, {REG, STACK, SHARED, LOCAL, ...}) for every kernel's SASS in the binary."""
+    text = subprocess.run([cuobjdump, "--dump-resource-usage", str(binary)], capture_output=True, text=True,
+                          check=True).stdout
+    rows, arch, function = [], None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = sm_"):
+            arch = line.removeprefix("arch = sm_")
+        elif line.startswith("Function ") and line.endswith(":"):
+            function = line[len("Function "):-1]
+        elif function and line.startswith("REG:"):
+            rows.append((arch, function, {k: int(v) for k, v in re.findall(r"([A-Z]+)(?:\[\d+\])?:(\d+)", line)}))
+            function = None
+    return rows
+
+
+def short_names(mangled: list[str]) -> dict[str, str]:
+    """Demangled names without the anonymous-namespace noise; mangled ones where c++filt is missing."""
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not mangled:
+        return {m: m for m in mangled}
+    out = subprocess.run([cxxfilt], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
+    clean = [re.sub(r"\(anonymous namespace\)::|pk::cuda::", "", name) for name in out]
+    return dict(zip(mangled, clean))
+
+
+def report_resources(binary: Path | None) -> int:
+    if binary is None:
+        try:
+            import pykernels._C as ext
+        except ImportError as exc:
+            print(f"check_cuda_kernels: pykernels._C not importable ({exc}); pass the extension's path")
+            return 1
+        binary = Path(ext.__file__)
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        print("check_cuda_kernels: cuobjdump not found (PATH, next to nvcc, or triton's bundled one)")
+        return 1
+    rows = resource_usage(cuobjdump, binary)
+    if not rows:
+        print(f"check_cuda_kernels: {binary} holds no CUDA kernels (a CPU-only build?)")
+        return 1
+    names = short_names(sorted({m for _, m, _ in rows}))
+    print(f"check_cuda_kernels: resource usage of {len(rows)} kernels in {binary}\n")
+    print(f"{'arch':<5} {'regs':>4} {'stack B':>7} {'local B':>7} {'smem B':>7}  kernel")
+    over = []
+    for arch, mangled, usage in sorted(rows, key=lambda r: (names[r[1]], r[0])):
+        flag = ""
+        if usage.get("SHARED", 0) > SMEM_LIMIT.get(arch, 0):
+            over.append((arch, names[mangled]))
+            flag = "  OVER SMEM LIMIT"
+        print(f"sm_{arch} {usage.get('REG', 0):>4} {usage.get('STACK', 0):>7} {usage.get('LOCAL', 0):>7} "
+              f"{usage.get('SHARED', 0):>7}  {names[mangled]}{flag}")
+    print("\nsummary:")
+    for arch in sorted({r[0] for r in rows}):
+        mine = [u for a, _, u in rows if a == arch]
+        print(f"  sm_{arch}: {len(mine)} kernels, max {max(u.get('REG', 0) for u in mine)} registers, "
+              f"{sum(1 for u in mine if u.get('STACK', 0))} with a stack frame (spills or local arrays), "
+              f"max static shared {max(u.get('SHARED', 0) for u in mine)} B, "
+              f"{sum(1 for a, _ in over if a == arch)} over the limit")
+    return 1 if over else 0
 
 
 def compile_one(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, bool, float, str]:
@@ -67,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="files compiled in parallel (default 1)")
     parser.add_argument("--allow-missing", action="store_true", help="exit 0 when nvcc is not installed")
+    parser.add_argument("--resource-usage", nargs="?", type=Path, const=True, metavar="EXTENSION",
+                        help="print the built extension's per-kernel registers, stack and shared memory instead")
     args = parser.parse_args(argv)
+    if args.resource_usage is not None:
+        return report_resources(None if args.resource_usage is True else args.resource_usage)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
 
