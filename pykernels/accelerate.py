@@ -1,6 +1,6 @@
 """accelerate(model): run a model's attention on pykernels, in place; restore(model) undoes it.
 
-Three routes, each serving only what it computes with the same semantics and handing the rest back to the code
+Its routes, each serving only what it computes with the same semantics and handing the rest back to the code
 it replaces:
 
 * ``torch.nn.MultiheadAttention`` modules become :class:`pykernels.nn.MultiheadAttention` (class swap).
@@ -10,19 +10,21 @@ it replaces:
   running the same or another model is untouched, and the mode is left on exceptions.
 * A Hugging Face transformers ``PreTrainedModel`` is switched to ``attn_implementation="pykernels"``
   (:mod:`pykernels.integrations.transformers`), so its attention modules call the fused kernel themselves.
+* diffusers ``Attention`` modules with ``AttnProcessor2_0`` get a :class:`RoutedAttnProcessor`: the same
+  processor, its SDPA call routed as above.
 * timm's ``SwinTransformerBlock`` (v1) gets a per-instance ``_attn`` that runs :func:`pykernels.window_attention`
   on the un-partitioned map with the block's own weights.
-* PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` get a per-instance ``forward``
-  (:mod:`pykernels.integrations.pyg`) that serves the forms the graph kernels compute exactly.
 
 Counts of served and fallen-through calls are kept in the report as the model runs, under ``torch.compile`` too:
 the counting function is one of dynamo's reorderable logging functions, so a compiled graph calls it after each
 run instead of breaking the graph. Dynamo keeps such calls only from the compiled forward's own frame, so the
 routed forward collects the outcomes of its call and counts them there; counts of an accelerated module compiled
-as part of a larger model are not kept (its routing is).
+as part of a larger model are not kept (its routing is), nor are those of diffusers' attention layers under
+``torch.compile`` (diffusers marks them allow_in_graph, so they are traced apart from that frame; they are served).
 """
 from __future__ import annotations
 
+import abc
 import collections
 import itertools
 import sys
@@ -42,7 +44,7 @@ from .nn.attention import MultiheadAttention
 from .nn.window import swin_window_attention
 from .window import swin_window_shift
 
-__all__ = ["AccelerateReport", "FAMILIES", "accelerate", "restore"]
+__all__ = ["AccelerateReport", "FAMILIES", "RoutedAttnProcessor", "accelerate", "restore"]
 
 FAMILIES = ("attention", "window", "graph")
 
@@ -100,8 +102,9 @@ class AccelerateReport:
     * ``routed``: modules whose forward routes ``F.scaled_dot_product_attention`` to the fused kernel;
     * ``switched``: transformers ``PreTrainedModel`` modules switched to ``attn_implementation="pykernels"``;
     * ``windowed``: timm ``SwinTransformerBlock`` modules whose window attention runs ``window_attention``;
-    * ``graph``: PyG conv layers whose forward runs on the graph kernels where it computes what PyG's does;
-    * ``calls``: ``{(path, outcome): n}`` with path ``"sdpa"``, ``"swin"`` or ``"pyg"`` and outcome ``"served"`` or the
+    * ``processors``: diffusers ``Attention`` modules whose ``AttnProcessor2_0`` became a
+      :class:`RoutedAttnProcessor`;
+    * ``calls``: ``{(path, outcome): n}`` with path ``"sdpa"`` or ``"swin"`` and outcome ``"served"`` or the
       reason the call ran the original code; it updates as the model runs. Path ``"transformers"`` counts the
       calls of a switched model's attention modules.
     """
@@ -110,7 +113,7 @@ class AccelerateReport:
     routed: list[str] = field(default_factory=list)
     switched: list[str] = field(default_factory=list)
     windowed: list[str] = field(default_factory=list)
-    graph: list[str] = field(default_factory=list)
+    processors: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calls: collections.Counter = field(default_factory=collections.Counter)
 
@@ -122,14 +125,15 @@ class AccelerateReport:
         return {why: n for (p, why), n in self.calls.items() if p == path and why != "served"}
 
     def __str__(self) -> str:
-        changed = len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed) + len(self.graph)
+        changed = (len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed)
+                   + len(self.processors))
         lines = [f"pykernels.accelerate: {changed} changed, {len(self.skipped)} skipped"]
         lines += [f"  swapped  {name or '<root>'}" for name in self.swapped]
         lines += [f"  routed   {name or '<root>'}: F.scaled_dot_product_attention" for name in self.routed]
         lines += [f"  switched {name or '<root>'}: transformers attn_implementation='pykernels'"
                   for name in self.switched]
         lines += [f"  windowed {name or '<root>'}" for name in self.windowed]
-        lines += [f"  graph    {name or '<root>'}: PyG conv on pykernels graph kernels" for name in self.graph]
+        lines += [f"  routed   {name or '<root>'}.processor: diffusers AttnProcessor2_0" for name in self.processors]
         lines += [f"  skipped  {name or '<root>'}: {why}" for name, why in self.skipped]
         lines += [f"  calls    {path} {outcome}: {n}" for (path, outcome), n in sorted(self.calls.items())]
         return "\n".join(lines)
@@ -242,25 +246,20 @@ def _record(key: int, path: str, outcome: str) -> None:
         mode.outcomes.append((key, path, outcome))
 
 
-class _RoutedForward:
-    """A module's ``forward`` (instance attribute) that runs the original one under an :class:`_SDPAMode`.
+class _Routed(abc.ABC):
+    """Runs :meth:`original` under an :class:`_SDPAMode`, unless an outer mode already routes as much; then that
+    one serves the calls and counts them once.
 
-    With ``route_sdpa`` False (``families`` without ``"attention"``) the mode only collects the counts of the
-    Swin blocks: under ``torch.compile`` dynamo keeps reorderable logging calls made in the compiled forward's
-    own frame only, and this is that frame. Inside another routed forward (an accelerated module inside an
-    accelerated model) it enters no second mode where the outer one routes as much: the outer one serves the
-    calls and counts them once.
+    The counting loop stays in ``__call__`` itself: under ``torch.compile`` dynamo keeps reorderable logging
+    calls made in the compiled forward's own frame only, and a routed forward's ``__call__`` is that frame.
     """
 
-    def __init__(self, module: nn.Module, backend: str, tally: _Tally, route_sdpa: bool):
-        self.module, self.backend, self.tally, self.route_sdpa = module, backend, tally, route_sdpa
-        # An instance-level forward the user had set, put back by restore(); None means the class's forward.
-        self.previous = module.__dict__.get("forward")
+    def __init__(self, backend: str, tally: _Tally, route_sdpa: bool):
+        self.backend, self.tally, self.route_sdpa = backend, tally, route_sdpa
 
+    @abc.abstractmethod
     def original(self, *args, **kwargs):
-        if self.previous is not None:
-            return self.previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        """The code being routed."""
 
     def __call__(self, *args, **kwargs):
         outer = _active_sdpa_mode()
@@ -276,6 +275,50 @@ class _RoutedForward:
                     _count(key, path, outcome)
             else:
                 outer.outcomes.extend(mode.outcomes)
+
+
+class _RoutedForward(_Routed):
+    """A module's ``forward`` (instance attribute) that runs the original one under an :class:`_SDPAMode`.
+
+    With ``route_sdpa`` False (``families`` without ``"attention"``) the mode only collects the counts of the
+    Swin blocks, for the reason given in :class:`_Routed`. Inside another routed forward (an accelerated module
+    inside an accelerated model) it enters no second mode where the outer one routes as much.
+    """
+
+    def __init__(self, module: nn.Module, backend: str, tally: _Tally, route_sdpa: bool):
+        super().__init__(backend, tally, route_sdpa)
+        self.module = module
+        # An instance-level forward the user had set, put back by restore(); None means the class's forward.
+        self.previous = module.__dict__.get("forward")
+        # Looked up here, not per call: dynamo cannot trace ``type(module).forward`` for classes marked
+        # allow_in_graph (diffusers' transformer blocks). accelerate() refreshes it after swapping the class.
+        self.class_forward = type(module).forward
+
+    def original(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return self.class_forward(self.module, *args, **kwargs)
+
+
+class RoutedAttnProcessor(_Routed):
+    """A diffusers ``AttnProcessor2_0`` whose ``F.scaled_dot_product_attention`` call runs
+    :func:`pykernels.fused_attention` where it computes the same thing (the SDPA route of :func:`accelerate`),
+    so the layer is served also when called outside the accelerated model's forward.
+
+    The signature is ``AttnProcessor2_0.__call__``'s: diffusers' ``Attention.forward`` filters the keyword
+    arguments it passes by it. ``processor`` is the wrapped one, put back by :func:`restore`.
+    """
+
+    def __init__(self, processor, backend: str, tally: _Tally):
+        super().__init__(backend, tally, route_sdpa=True)
+        self.processor = processor
+
+    def original(self, *args, **kwargs):
+        return self.processor(*args, **kwargs)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 # timm Swin ---------------------------------------------------------------------------------------------------------
@@ -359,19 +402,15 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
       A transformers ``PreTrainedModel`` is switched with ``set_attn_implementation("pykernels")``
       (:func:`pykernels.integrations.transformers.attention_forward`; ``backend="auto"`` only, a pinned backend
       leaves it to the SDPA route); per-head weights (``output_attentions``) run the model's eager attention.
+      diffusers ``Attention`` modules (UNets, transformers) with the default ``AttnProcessor2_0`` get a
+      :class:`RoutedAttnProcessor`, which routes that processor's SDPA call the same way (also when the module is
+      called on its own) and lists them in ``report.processors``.
     * ``"window"`` family: timm ``SwinTransformerBlock`` (v1) modules run their shifted-window attention with
       :func:`pykernels.window_attention` on the un-partitioned map, with the block's own weights. SwinV2 blocks
       are reported as skipped. A call that the kernel would not compute as timm does (attention dropout in
       training, a map whose window or shift timm sets differently, hooks on the block's ``attn``) runs timm's
       code and is counted.
-    * ``"graph"`` family: PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` (exact classes,
-      if ``torch_geometric`` is imported) stay PyG objects with a per-instance ``forward`` that runs on
-      :func:`pykernels.spmm`, :func:`pykernels.sddmm`, :func:`pykernels.edge_softmax` and
-      :func:`pykernels.graph_attention` with the layer's own weights, reusing an ``edge_index``'s CSR across
-      layers and calls while the tensor is unchanged. Forms computed otherwise (``size``, sparse or
-      ``SparseTensor`` adjacency, ``target_to_source`` flow, other aggregations, explain mode, message-passing
-      hooks, ``decomposed_layers``, lazy Parameters, attention dropout off CPU or under ``torch.compile``,
-      autocast) run PyG's ``forward`` and are counted under path ``"pyg"``.
+    * ``"graph"``: nothing yet.
 
     Every Parameter object, hook, device, dtype and training mode is kept; a module shared by several parents is
     changed once; a second call changes nothing. :func:`restore` undoes it.
@@ -403,12 +442,10 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
         from .integrations import transformers  # it builds on this module
 
         transformers.switch_models(model, backend, report)
+        _route_diffusers_processors(model, backend, tally, report)
     if "window" in families:
         _window_swin_blocks(model, backend, tally, report)
-    if "graph" in families:
-        from .integrations import pyg  # it builds on this module
-
-        pyg.accelerate_convs(model, backend, tally, report, _RoutedForward)
+    routed.class_forward = type(model).forward
     return report
 
 
@@ -423,6 +460,26 @@ def _swap_multihead_attention(model: nn.Module, backend: str, report: Accelerate
             report.swapped.append(name)
         elif isinstance(module, nn.MultiheadAttention):
             report.skipped.append((name, f"subclass {type(module).__qualname__} of nn.MultiheadAttention"))
+
+
+def _route_diffusers_processors(model: nn.Module, backend: str, tally: _Tally, report: AccelerateReport) -> None:
+    attention = _loaded_class("diffusers.models.attention_processor", "Attention")
+    sdpa_processor = _loaded_class("diffusers.models.attention_processor", "AttnProcessor2_0")
+    if attention is None:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, attention):
+            continue
+        processor = module.processor
+        if isinstance(processor, RoutedAttnProcessor):
+            report.skipped.append((name, "processor already routed to pykernels"))
+        elif type(processor) is sdpa_processor:
+            module.set_processor(RoutedAttnProcessor(processor, backend, tally))
+            report.processors.append(name)
+        else:
+            # Other processors compute attention their own way (or call SDPA with extra steps, served by the
+            # forward's SDPA route); wrapping them would promise what they may not do.
+            report.skipped.append((name, f"diffusers processor {type(processor).__name__}, not AttnProcessor2_0"))
 
 
 def _window_swin_blocks(model: nn.Module, backend: str, tally: _Tally, report: AccelerateReport) -> None:
@@ -448,7 +505,7 @@ def restore(model: nn.Module) -> nn.Module:
     """Undoes :func:`accelerate` on ``model`` and all its submodules (also those accelerated by separate calls):
     swapped ``MultiheadAttention`` modules get torch's class back, routed forwards and Swin overrides are removed.
     Modules built as pykernels modules by the user are left as they are. Returns ``model``."""
-    from .integrations import pyg, transformers
+    from .integrations import transformers
 
     for module in model.modules():
         attributes = module.__dict__
@@ -460,8 +517,9 @@ def restore(model: nn.Module) -> nn.Module:
                 module.forward = routed.previous
         if isinstance(attributes.get("_attn"), _SwinWindowAttn):
             del module._attn
+        if isinstance(attributes.get("processor"), RoutedAttnProcessor):
+            module.set_processor(attributes["processor"].processor)
         transformers.restore_model(module)
-        pyg.restore_module(module)
         if attributes.pop("_pykernels_swapped", False):
             module.__class__ = nn.MultiheadAttention
             del module.backend

@@ -1,5 +1,6 @@
 """diffusers: an attention processor on :func:`pykernels.fused_attention`, head-averaged attention maps,
-HiDiffusion's MSW-MSA, and Vico's ST-Flow loss on a video UNet."""
+HiDiffusion's MSW-MSA, and Vico's ST-Flow loss on a video UNet. :class:`RoutedAttnProcessor` is what
+:func:`pykernels.accelerate` puts on a model's ``AttnProcessor2_0`` layers."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..accelerate import RoutedAttnProcessor
 from ..flow import st_flow
 
 
