@@ -14,6 +14,8 @@ it replaces:
   processor, its SDPA call routed as above.
 * timm's ``SwinTransformerBlock`` (v1) gets a per-instance ``_attn`` that runs :func:`pykernels.window_attention`
   on the un-partitioned map with the block's own weights.
+* PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` get a per-instance ``forward``
+  (:mod:`pykernels.integrations.pyg`) that serves the forms the graph kernels compute exactly.
 
 Counts of served and fallen-through calls are kept in the report as the model runs, under ``torch.compile`` too:
 the counting function is one of dynamo's reorderable logging functions, so a compiled graph calls it after each
@@ -102,9 +104,10 @@ class AccelerateReport:
     * ``routed``: modules whose forward routes ``F.scaled_dot_product_attention`` to the fused kernel;
     * ``switched``: transformers ``PreTrainedModel`` modules switched to ``attn_implementation="pykernels"``;
     * ``windowed``: timm ``SwinTransformerBlock`` modules whose window attention runs ``window_attention``;
+    * ``graph``: PyG conv layers whose forward runs on the graph kernels where it computes what PyG's does;
     * ``processors``: diffusers ``Attention`` modules whose ``AttnProcessor2_0`` became a
       :class:`RoutedAttnProcessor`;
-    * ``calls``: ``{(path, outcome): n}`` with path ``"sdpa"`` or ``"swin"`` and outcome ``"served"`` or the
+    * ``calls``: ``{(path, outcome): n}`` with path ``"sdpa"``, ``"swin"`` or ``"pyg"`` and outcome ``"served"`` or the
       reason the call ran the original code; it updates as the model runs. Path ``"transformers"`` counts the
       calls of a switched model's attention modules.
     """
@@ -113,6 +116,7 @@ class AccelerateReport:
     routed: list[str] = field(default_factory=list)
     switched: list[str] = field(default_factory=list)
     windowed: list[str] = field(default_factory=list)
+    graph: list[str] = field(default_factory=list)
     processors: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calls: collections.Counter = field(default_factory=collections.Counter)
@@ -126,13 +130,14 @@ class AccelerateReport:
 
     def __str__(self) -> str:
         changed = (len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed)
-                   + len(self.processors))
+                   + len(self.processors) + len(self.graph))
         lines = [f"pykernels.accelerate: {changed} changed, {len(self.skipped)} skipped"]
         lines += [f"  swapped  {name or '<root>'}" for name in self.swapped]
         lines += [f"  routed   {name or '<root>'}: F.scaled_dot_product_attention" for name in self.routed]
         lines += [f"  switched {name or '<root>'}: transformers attn_implementation='pykernels'"
                   for name in self.switched]
         lines += [f"  windowed {name or '<root>'}" for name in self.windowed]
+        lines += [f"  graph    {name or '<root>'}: PyG conv on pykernels graph kernels" for name in self.graph]
         lines += [f"  routed   {name or '<root>'}.processor: diffusers AttnProcessor2_0" for name in self.processors]
         lines += [f"  skipped  {name or '<root>'}: {why}" for name, why in self.skipped]
         lines += [f"  calls    {path} {outcome}: {n}" for (path, outcome), n in sorted(self.calls.items())]
@@ -410,7 +415,14 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
       are reported as skipped. A call that the kernel would not compute as timm does (attention dropout in
       training, a map whose window or shift timm sets differently, hooks on the block's ``attn``) runs timm's
       code and is counted.
-    * ``"graph"``: nothing yet.
+    * ``"graph"`` family: PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` (exact classes,
+      if ``torch_geometric`` is imported) stay PyG objects with a per-instance ``forward`` that runs on
+      :func:`pykernels.spmm`, :func:`pykernels.sddmm`, :func:`pykernels.edge_softmax` and
+      :func:`pykernels.graph_attention` with the layer's own weights, reusing an ``edge_index``'s CSR across
+      layers and calls while the tensor is unchanged. Forms computed otherwise (``size``, sparse or
+      ``SparseTensor`` adjacency, ``target_to_source`` flow, other aggregations, explain mode, message-passing
+      hooks, ``decomposed_layers``, lazy Parameters, attention dropout off CPU or under ``torch.compile``,
+      autocast) run PyG's ``forward`` and are counted under path ``"pyg"``.
 
     Every Parameter object, hook, device, dtype and training mode is kept; a module shared by several parents is
     changed once; a second call changes nothing. :func:`restore` undoes it.
@@ -445,6 +457,10 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
         _route_diffusers_processors(model, backend, tally, report)
     if "window" in families:
         _window_swin_blocks(model, backend, tally, report)
+    if "graph" in families:
+        from .integrations import pyg  # it builds on this module
+
+        pyg.accelerate_convs(model, backend, tally, report, _RoutedForward)
     routed.class_forward = type(model).forward
     return report
 
@@ -505,7 +521,7 @@ def restore(model: nn.Module) -> nn.Module:
     """Undoes :func:`accelerate` on ``model`` and all its submodules (also those accelerated by separate calls):
     swapped ``MultiheadAttention`` modules get torch's class back, routed forwards and Swin overrides are removed.
     Modules built as pykernels modules by the user are left as they are. Returns ``model``."""
-    from .integrations import transformers
+    from .integrations import pyg, transformers
 
     for module in model.modules():
         attributes = module.__dict__
@@ -520,6 +536,7 @@ def restore(model: nn.Module) -> nn.Module:
         if isinstance(attributes.get("processor"), RoutedAttnProcessor):
             module.set_processor(attributes["processor"].processor)
         transformers.restore_model(module)
+        pyg.restore_module(module)
         if attributes.pop("_pykernels_swapped", False):
             module.__class__ = nn.MultiheadAttention
             del module.backend
