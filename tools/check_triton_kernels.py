@@ -31,10 +31,11 @@ import contextlib
 import io
 import multiprocessing
 import re
+import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,27 +57,34 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 @dataclass(frozen=True)
 class Spec:
-    """One kernel specialisation as Triton's cache would key it."""
+    """One kernel specialisation, keyed as Triton's launch cache keys it (the binder's specialisation list and
+    the launch options). Turning it into a signature for triton.compile is left to the compile step: it is
+    the slow part of recording, and most recorded specialisations are never compiled in CI."""
     kernel: str  # module:qualname, the key of triton's JIT function registry
-    signature: tuple  # ((param, type), ...)
-    constexprs: tuple  # ((path, value), ...)
-    attrs: tuple  # ((path, ((attr, value), ...)), ...)
-    options: tuple  # ((name, value), ...)
+    key: str  # repr of the binder's specialisation list
+    options: tuple  # ((name, value), ...): num_warps, num_stages
+    constexprs: tuple = field(compare=False)  # ((name, value), ...) of the declared tl.constexpr parameters
+    dtypes: tuple = field(compare=False)  # the pointer arguments' types, "*fp16", ...
+    specialization: list = field(compare=False)
+    bound: tuple = field(compare=False)  # ((name, value), ...); tensors, which no constexpr path reaches, as None
 
     @property
     def name(self) -> str:
         return self.kernel.rsplit(":", 1)[1]
 
     def config(self) -> str:
-        """The constexprs and launch options, as the table shows them."""
-        names = [p for p, _ in self.signature]
-        parts = []
-        for path, value in self.constexprs:
-            if len(path) == 1 and names[path[0]] != "INTERPRETED":
-                parts.append(f"{names[path[0]]}={_short(value)}")
-        dtypes = sorted({t[1:] for _, t in self.signature if isinstance(t, str) and t.startswith("*")} - {"i64", "i32"})
+        """The pointer dtypes, constexprs and launch options, as the table shows them."""
+        dtypes = sorted({t[1:] for t in self.dtypes} - {"i64", "i32"})
+        parts = [f"{k}={_short(v)}" for k, v in self.constexprs if k != "INTERPRETED"]
         parts += [f"{k}={v}" for k, v in self.options]
         return f"[{'/'.join(dtypes)}] " + " ".join(parts)
+
+    def compile_args(self, backend):
+        """(signature, constexprs, attrs) for ASTSource, as JITFunction.run derives them."""
+        fn = triton_jit._triton_jit_function_registry[self.kernel]
+        _, signature, constexprs, attrs = fn._pack_args(backend, dict(self.options), dict(self.bound),
+                                                        self.specialization, {})
+        return signature, constexprs, attrs
 
 
 def _short(value) -> str:
@@ -84,14 +92,6 @@ def _short(value) -> str:
         return "1" if value else "0"
     text = str(value)
     return text.replace("triton.language.", "").replace("fp", "f")
-
-
-def _freeze(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
 
 
 class Recorder:
@@ -111,17 +111,18 @@ class Recorder:
         if binder is None:
             binder = self._binders[fn] = triton_jit.create_function_from_signature(fn.signature, fn.params,
                                                                                    self.backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        _, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
-        if any(names_value for names_value in bound.items() if names_value[0] == "INTERPRETED"
-               and names_value[1]):
+        bound, specialization, _ = binder(*args, **kwargs)
+        if bound.get("INTERPRETED"):
             raise RuntimeError(f"{fn._fn_name}: INTERPRETED reached the kernel as True")
         launch = tuple((k, kwargs[k]) for k in LAUNCH_OPTIONS if k in kwargs)
-        key = f"{fn.module}:{fn.fn.__qualname__}"
-        spec = Spec(key, tuple(signature.items()), _freeze(sorted(constexprs.items())),
-                    _freeze(sorted(attrs.items())), launch)
+        name = f"{fn.module}:{fn.fn.__qualname__}"
+        declared = tuple((p.name, bound[p.name]) for p in fn.params if p.is_constexpr)
+        dtypes = tuple(entry[0] for entry in specialization
+                       if isinstance(entry[0], str) and entry[0].startswith("*"))
+        light = tuple((k, None if isinstance(v, torch.Tensor) else v) for k, v in bound.items())
+        spec = Spec(name, repr(specialization), launch, declared, dtypes, specialization, light)
         self.specs[spec] = self.specs.get(spec, 0) + 1
-        self.kernels.add(key)
+        self.kernels.add(name)
         return None
 
 
@@ -147,7 +148,8 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _t(*shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype)
+    # Meta tensors: the host code allocates and reduces (window's bias-gradient partials) for free.
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def drive_attention():
@@ -245,7 +247,7 @@ def drive_flow():
                 a, b = _t(1, m, k, dtype=dtype), _t(1, k, n, dtype=dtype)
                 grad = _t(1, m, n, dtype=dtype)
                 F.maxmin_matmul(a, b)
-                F.maxmin_matmul_backward(a, b, torch.empty((1, m, n), dtype=torch.int32), grad, True, True)
+                F.maxmin_matmul_backward(a, b, torch.empty((1, m, n), dtype=torch.int32, device="meta"), grad, True, True)
                 F.soft_maxmin_matmul(a, b, 0.5)
                 F.soft_maxmin_matmul_backward(a, b, grad, _t(1, m, n, dtype=lse_dtype), grad, 0.5, True, True)
 
@@ -260,8 +262,8 @@ def drive_graph():
         lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for degree in degrees:
             num_edges = num_rows * degree - 1
-            rowptr = torch.zeros(num_rows + 1, dtype=torch.long)
-            col = torch.zeros(num_edges, dtype=torch.long)
+            rowptr = _t(num_rows + 1, dtype=torch.long)
+            col = _t(num_edges, dtype=torch.long)
             for heads, feats in widths:
                 x = _t(num_rows, heads, feats, dtype=dtype)
                 w = _t(num_edges, heads, dtype=dtype)
@@ -296,15 +298,12 @@ def collect() -> Recorder:
 
 def _tile_and_flags(spec: Spec):
     """(tile key, flags, tile size) of a specialisation. Flags are the declared int/bool constexprs other than
-    BLOCK_* (HAS_BIAS, CAUSAL, BIAS=0/1/2, ...); the tile key is the rest of the declared constexprs (blocks,
-    accumulator, precision), the pointer dtypes and the launch options."""
-    fn = triton_jit._triton_jit_function_registry[spec.kernel]
-    names = [p for p, _ in spec.signature]
+    BLOCK_* (HAS_BIAS, CAUSAL, BIAS=0/1/2, ...); the tile key is the rest of them (blocks, accumulator,
+    precision), the pointer dtypes and the launch options."""
     tile, flags, size = [], [], 1
-    for path, value in spec.constexprs:
-        if len(path) != 1 or not fn.params[path[0]].is_constexpr or names[path[0]] == "INTERPRETED":
+    for name, value in spec.constexprs:
+        if name == "INTERPRETED":
             continue
-        name = names[path[0]]
         if name.startswith("BLOCK_"):
             size *= value
             tile.append((name, value))
@@ -312,8 +311,7 @@ def _tile_and_flags(spec: Spec):
             flags.append((name, int(value)))
         else:
             tile.append((name, value))
-    dtypes = tuple(t for _, t in spec.signature if isinstance(t, str) and t.startswith("*"))
-    return (spec.kernel, dtypes, tuple(tile), spec.options), tuple(flags), size
+    return (spec.kernel, spec.dtypes, tuple(tile), spec.options), tuple(flags), size
 
 
 def covering(specs: list[Spec]) -> list[Spec]:
@@ -370,23 +368,31 @@ def jit_kernels() -> set[str]:
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): what a compile costs on an idle core,
+    which wall time on a shared machine does not show."""
+    self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_spec(job):
-    """(index, arch, ok, regs, spill stores, spill loads, shared bytes, seconds, error text)."""
+    """(index, arch, ok, regs, spill stores, spill loads, shared bytes, CPU seconds, error text)."""
     index, spec, arch = job
     from triton import knobs
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     fn = triton_jit._triton_jit_function_registry[spec.kernel]
     target = GPUTarget("cuda", arch, 32)
-    src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), {k: list(v) for k, v in spec.attrs})
+    src = ASTSource(fn, *spec.compile_args(make_backend(target)))
     start = time.perf_counter()
+    cpu = _cpu_seconds()
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=target, options=dict(spec.options))
     except Exception as exc:  # noqa: BLE001 - every compile error is reported, whatever its type
-        return index, arch, False, 0, 0, 0, 0, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
-    seconds = time.perf_counter() - start
+        return index, arch, False, 0, 0, 0, 0, _cpu_seconds() - cpu, f"{type(exc).__name__}: {exc}"
+    seconds = _cpu_seconds() - cpu
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = _SPILLS.search(text)
@@ -406,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compiles in parallel (default 2)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--kernel", action="append", help="only kernels with this name (repeatable)")
+    parser.add_argument("--match", help="only specialisations whose table config matches this regular expression")
     parser.add_argument("--limit", type=int, help="at most this many specialisations per kernel (smallest first)")
     parser.add_argument("--full", action="store_true",
                         help="every recorded specialisation, not the covering subset CI compiles")
@@ -419,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = sorted(jit_kernels() - recorder.kernels)
     if args.kernel:
         specs = [s for s in specs if s.name in args.kernel]
+    if args.match:
+        specs = [s for s in specs if re.search(args.match, s.config())]
     if args.limit:
         by_kernel = {}
         for spec in sorted(specs, key=lambda s: (s.name, len(s.config()), s.config())):
@@ -429,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(recorder.kernels)} kernels, {len(specs)} compiled per arch"
           f"{'' if args.full else ' (covering subset; --full for all)'} ({time.perf_counter() - start:.1f} s)",
           flush=True)
+    print("recorded kernels: " + " ".join(sorted(recorder.kernels)))
     if missing:
         print("check_triton_kernels: no driver launches " + ", ".join(missing))
     if args.list:
@@ -440,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if missing else 0
 
     jobs = [(i, spec, arch) for arch in args.arch for i, spec in enumerate(specs)]
-    # Slow compiles first, so the pool does not end waiting on one: the widest tiles come last in `specs`.
-    jobs.sort(key=lambda j: -len(repr(j[1].constexprs)))
+    # The largest tiles (the slowest compiles) first, so the pool does not end waiting on one.
+    jobs.sort(key=lambda j: -_tile_and_flags(j[1])[2])
     results = []
     with tempfile.TemporaryDirectory(prefix="pk_triton_gate_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
@@ -481,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     slowest = max(results, key=lambda r: r[7], default=None)
     if slowest:
-        print(f"  slowest compile {slowest[7]:.1f} s: {specs[slowest[0]].name} sm_{slowest[1]} "
+        print(f"  slowest compile {slowest[7]:.1f} CPU s: {specs[slowest[0]].name} sm_{slowest[1]} "
               f"{specs[slowest[0]].config()}")
-    print(f"  wall time {time.perf_counter() - start:.0f} s with {args.jobs} jobs")
+    cpu = sum(r[7] for r in results)
+    print(f"  compiles took {cpu:.0f} CPU s ({cpu / args.jobs:.0f} s on {args.jobs} idle cores); wall time "
+          f"{time.perf_counter() - start:.0f} s with {args.jobs} jobs, recording included")
     for spec, arch, error in failures:
         print(f"\n---- {spec.name} sm_{arch} {spec.config()} ----\n{error}")
     if missing:
