@@ -7,11 +7,12 @@ Schemas are read from the C++ declarations (never re-typed); the implementation 
 from __future__ import annotations
 
 import importlib
+import threading
 
 import torch
 
 from . import _C  # noqa: F401  (loads the op schemas and the C++ engines)
-from ._backend import cuda_emulated
+from ._backend import cuda_emulated, triton_interpreted
 
 # pykernels_cuda_emulated::<op> (only in a PYKERNELS_CUDA_EMULATE=1 build): the CUDA engine's launchers for CPU
 # tensors, whose kernels _cuda_emulated registered before the schemas below exist.
@@ -29,10 +30,20 @@ def _schema_without_namespace(op: str) -> str:
     return str(getattr(torch.ops.pykernels, op).default._schema).split("::", 1)[1]
 
 
+# Triton's interpreter (TRITON_INTERPRET=1) patches triton.language's functions while a kernel runs and puts
+# them back when it ends, so a kernel interpreted in one Python thread fails when another thread's kernel ends
+# first. Interpreted calls therefore run one at a time; compiled launches (GPU) are not serialised. Reentrant:
+# an op's implementation may call other Triton ops.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def _triton_impl(family: str, op: str):
     def impl(*args):
-        module = importlib.import_module(f"pykernels.triton.{family}")
-        return getattr(module, op)(*args)
+        fn = getattr(importlib.import_module(f"pykernels.triton.{family}"), op)
+        if triton_interpreted():
+            with _INTERPRETER_LOCK:
+                return fn(*args)
+        return fn(*args)
 
     impl.__name__ = f"triton_{op}"
     return impl

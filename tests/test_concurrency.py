@@ -1,0 +1,226 @@
+"""Concurrency: every op called from 8 Python threads at once, and under other ``torch.set_num_threads``
+settings, gives bit-identical outputs and gradients to one sequential call; the deterministic switch is per
+thread, as ``pykernels.set_deterministic`` documents.
+
+The ops and inputs are the selftest's (``pykernels.selftest.CASES``, small size, float32) plus the flow ops it
+does not cover (ST-Flow and the exact max-flows). The C++ engine runs every case; the Triton engine one tiny
+case per family (interpreted on CPU, where it is slow).
+"""
+import threading
+
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import selftest
+from pykernels.testing import engines_for, random_graph
+
+THREADS = 8
+
+
+def _flow_cases():
+    def st_flow_make(size, g):
+        return [torch.rand(6, 5, 4, generator=g, dtype=torch.float64),
+                torch.rand(6, 5, 5, generator=g, dtype=torch.float64)], []
+
+    def max_flow_make(size, g):
+        return [], [random_graph(30, 120, seed=3), torch.rand(120, generator=g, dtype=torch.float64)]
+
+    def layered_make(size, g):
+        return [], [torch.rand(3, 2, 9, 9, generator=g, dtype=torch.float64).softmax(-1)]
+
+    return (
+        selftest.Case("flow", "st_flow", st_flow_make,
+                      lambda c, t, *, backend: pk.st_flow(c, [t, t], temperature=0.1, backend=backend)),
+        # The exact max-flows run the C++ engine whatever the backend: their results must not depend on threads.
+        selftest.Case("flow", "max_flow", max_flow_make,
+                      lambda ei, cap, *, backend: pk.max_flow(ei, cap, torch.arange(5), torch.arange(25, 30))),
+        selftest.Case("flow", "max_flow_layered", layered_make,
+                      lambda maps, *, backend: pk.max_flow_layered(list(maps))),
+    )
+
+
+CASES = {f"{c.family}: {c.name}": c for c in (*selftest.CASES, *_flow_cases())}
+
+
+def _tiny(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
+
+
+# One tiny case per family for the interpreted Triton engine, where each kernel runs one program at a time.
+TRITON_CASES = {c.name: c for c in (
+    selftest.Case("attention", "fused_attention head-mean map",
+                  lambda size, g: ([_tiny(1, 2, 5, 8), _tiny(1, 1, 6, 8), _tiny(1, 1, 6, 8)], []),
+                  lambda q, k, v, *, backend: pk.fused_attention(q, k, v, return_attn_mean=True, backend=backend)),
+    selftest.Case("window", "window_attention shifted",
+                  lambda size, g: ([_tiny(1, 1, 16, 8), _tiny(1, 1, 16, 8), _tiny(1, 1, 16, 8), _tiny(9, 1)],
+                                   []),
+                  lambda q, k, v, t, *, backend: pk.window_attention(q, k, v, (4, 4), 2, 1, t, backend=backend)),
+    selftest.Case("flow", "maxmin_matmul", lambda size, g: ([_tiny(2, 3, 4), _tiny(4, 5)], []),
+                  lambda a, b, *, backend: pk.maxmin_matmul(a, b, backend=backend)),
+    selftest.Case("graph", "graph_attention",
+                  lambda size, g: ([_tiny(6, 1, 4), _tiny(6, 1, 4), _tiny(6, 1, 4)], [random_graph(6, 12)]),
+                  lambda q, k, v, ei, *, backend: pk.graph_attention(ei, q, k, v, backend=backend)),
+)}
+
+
+def _inputs(case, dtype, size="small"):
+    grad_inputs, rest = case.make(size, torch.Generator().manual_seed(0))
+    return [t.to(dtype) for t in grad_inputs], rest
+
+
+def _call(case, grad_inputs, rest, backend):
+    """Outputs and input gradients of one call, under fixed cotangents."""
+    grad_inputs = [t.detach().clone().requires_grad_() for t in grad_inputs]
+    outs = case.run(*grad_inputs, *rest, backend=backend)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
+    grads = []
+    if floats:
+        g = torch.Generator().manual_seed(1)
+        cotangents = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in floats]
+        grads = torch.autograd.grad(floats, grad_inputs, cotangents, allow_unused=True)
+    return [o.detach() for o in outs] + [gr for gr in grads if gr is not None]
+
+
+def _assert_identical(actual, expected, what):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}: tensor {i}"
+        # Bit-identical, NaN patterns included.
+        assert torch.equal(a.view(-1).view(torch.uint8), e.view(-1).view(torch.uint8)) if a.is_floating_point() \
+            else torch.equal(a, e), f"{what}: tensor {i} differs (max |diff| {(a - e).abs().max()})"
+
+
+def _in_threads(fn, count=THREADS):
+    """Runs ``fn(i)`` in ``count`` threads released together; returns their results in order."""
+    barrier = threading.Barrier(count)
+    results, errors = [None] * count, []
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _check_threads(case, backend, repeats):
+    grad_inputs, rest = _inputs(case, torch.float32)
+    expected = _call(case, grad_inputs, rest, backend)
+    results = _in_threads(lambda i: [_call(case, grad_inputs, rest, backend) for _ in range(repeats)])
+    for i, per_thread in enumerate(results):
+        for r, result in enumerate(per_thread):
+            _assert_identical(result, expected, f"{case.name}, thread {i}, call {r}")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cpu_engine_threads_match_sequential(name):
+    _check_threads(CASES[name], "cpu", repeats=3)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in engines_for("cpu"), reason="the Triton engine cannot run here")
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_engine_threads_match_sequential(name):
+    _check_threads(TRITON_CASES[name], "triton", repeats=1)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_results_do_not_depend_on_the_thread_count(name):
+    case = CASES[name]
+    # The selftest's medium size: large enough that the engines split their work over threads.
+    grad_inputs, rest = _inputs(case, torch.float32, "medium")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = _call(case, grad_inputs, rest, "cpu")
+        for n in (2, 3, 8):
+            torch.set_num_threads(n)
+            _assert_identical(_call(case, grad_inputs, rest, "cpu"), expected, f"{name}, {n} threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_with_different_intra_op_thread_counts():
+    """Python threads that each set their own thread count (an inference server's workers) still agree."""
+    case = CASES["attention: fused_attention GQA"]
+    grad_inputs, rest = _inputs(case, torch.float32)
+    expected = _call(case, grad_inputs, rest, "cpu")
+    before = torch.get_num_threads()
+
+    def work(i):
+        torch.set_num_threads(1 + i % 3)
+        return _call(case, grad_inputs, rest, "cpu")
+
+    try:
+        for i, result in enumerate(_in_threads(work)):
+            _assert_identical(result, expected, f"thread {i}")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_deterministic_switch_is_per_thread():
+    assert not pk.is_deterministic()
+    seen = {}
+    switched = threading.Event()
+    checked = threading.Event()
+
+    def switcher():
+        pk.set_deterministic(True)
+        seen["switcher"] = pk.is_deterministic()
+        switched.set()
+        checked.wait(10)
+        seen["switcher after"] = pk.is_deterministic()
+
+    def other():
+        switched.wait(10)
+        seen["other"] = pk.is_deterministic()
+        checked.set()
+
+    threads = [threading.Thread(target=switcher), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"switcher": True, "other": False, "switcher after": True}
+    # The switch did not leak into the main thread, nor into a thread started afterwards.
+    assert not pk.is_deterministic()
+    assert _in_threads(lambda i: pk.is_deterministic(), 2) == [False, False]
+
+
+def test_torch_deterministic_algorithms_apply_to_every_thread():
+    """``torch.use_deterministic_algorithms`` is process-wide, and pykernels follows it in every thread."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert _in_threads(lambda i: pk.is_deterministic(), 2) == [True, True]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert not pk.is_deterministic()
+
+
+@pytest.mark.parametrize("name", ["graph: spmm sum", "attention: fused_attention causal", "window: msw_msa",
+                                  "flow: soft_maxmin_matmul"])
+def test_deterministic_threads_match_the_default(name):
+    """Threads that switch determinism on and threads that do not, running together, get the same bits."""
+    case = CASES[name]
+    grad_inputs, rest = _inputs(case, torch.float32)
+    expected = _call(case, grad_inputs, rest, "cpu")
+
+    def work(i):
+        pk.set_deterministic(i % 2 == 0)
+        assert pk.is_deterministic() == (i % 2 == 0)
+        return _call(case, grad_inputs, rest, "cpu")
+
+    for i, result in enumerate(_in_threads(work)):
+        _assert_identical(result, expected, f"{name}, thread {i} (deterministic={i % 2 == 0})")
