@@ -17,6 +17,9 @@ class Case:
     # Minimum bytes the op must move (read + write); effective GB/s = bytes / time. None when not meaningful.
     bytes_moved: int | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    # Run once before timing: (largest |pykernels output - baseline output|, what pykernels served), shown beside
+    # pykernels' row. For end-to-end cases, where a speed-up must come with the same results.
+    check: Callable[[], tuple[float, str]] | None = None
 
 
 class LazyData:

@@ -16,7 +16,7 @@ import torch
 from .._info import info
 from .timing import peak_memory_mb, time_fn
 
-FAMILIES = ("graph", "attention", "flow", "window")
+FAMILIES = ("models", "graph", "attention", "flow", "window")
 
 
 def add_arguments(parser) -> None:
@@ -98,6 +98,7 @@ def run_family(name: str, device: torch.device, quick: bool, min_run_time: float
     progress = _Progress(sum(len(c.providers) for c in cases), name)
     rows = []
     for case in cases:
+        checked = case.check() if case.check is not None else None
         results = {}
         for provider, fn in case.providers.items():
             progress.step(f"{case.name} [{case.mode}] {provider}")
@@ -106,6 +107,8 @@ def run_family(name: str, device: torch.device, quick: bool, min_run_time: float
         ours = results[ours_name][0]
         for provider, (timing, peak, error) in results.items():
             row = {"case": case.name, "mode": case.mode, "provider": provider, "error": error}
+            if checked is not None and provider == ours_name:
+                row["max_diff"], row["served"] = checked
             if timing is not None:
                 row.update(median=timing.median_ms, p20=timing.p20_ms, p80=timing.p80_ms, peak=peak)
                 if case.bytes_moved:
@@ -122,15 +125,20 @@ def _fmt(value, spec):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| case | mode | provider | median ms | p20–p80 ms | GB/s | peak MiB | pykernels speed-up |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    checked = any("max_diff" in r for r in rows)
+    extra = " max abs diff | served |" if checked else ""
+    lines = ["| case | mode | provider | median ms | p20–p80 ms | GB/s | peak MiB | pykernels speed-up |" + extra,
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---|" if checked else "")]
     for r in rows:
+        tail = f" {_fmt(r.get('max_diff'), '.1e')} | {r.get('served', '')} |" if checked else ""
         if r["error"]:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | — | — | — | — | failed: {r['error']} |")
+            lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | — | — | — | — | failed: {r['error']} |"
+                         + tail)
             continue
         speedup = f"**{r['speedup']:.2f}×**" if "speedup" in r else "(ours)"
         lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | {r['median']:.3f} | "
-                     f"{r['p20']:.3f}–{r['p80']:.3f} | {_fmt(r.get('gbps'), '.1f')} | {r['peak']:.1f} | {speedup} |")
+                     f"{r['p20']:.3f}–{r['p80']:.3f} | {_fmt(r.get('gbps'), '.1f')} | {r['peak']:.1f} | {speedup} |"
+                     + tail)
     return "\n".join(lines)
 
 

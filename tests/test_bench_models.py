@@ -1,0 +1,51 @@
+"""The models benchmark times what it says: the accelerated copy computes the stock model's outputs, accelerate
+serves its calls, and a training step trains."""
+import pytest
+import torch
+
+from pykernels.bench import models as models_bench
+from pykernels.bench.runner import markdown_table, run_family
+
+CPU = torch.device("cpu")
+
+
+def _tiny_specs():
+    pytest.importorskip("timm")
+    pytest.importorskip("torch_geometric")
+    return [
+        models_bench.ModelSpec("tiny ViT", "timm", "fwd",
+                               models_bench._timm("vit_small_patch16_224", 2, image=32, depth=2)),
+        models_bench.ModelSpec("tiny Swin", "timm", "fwd",
+                               models_bench._timm("swin_tiny_patch4_window7_224", 2, image=56, depths=(2,),
+                                                  num_heads=(3,), embed_dim=48)),
+        models_bench.ModelSpec("tiny GAT", "torch_geometric", "train step",
+                               models_bench._gnn("GATConv", (60, 400, 16, 5))),
+        models_bench.ModelSpec("tiny SAGE", "torch_geometric", "train step",
+                               models_bench._gnn("SAGEConv", (60, 400, 16, 5))),
+    ]
+
+
+def test_every_model_case_matches_stock_and_is_served():
+    for case in models_bench.cases(CPU, quick=True, spec_list=_tiny_specs()):
+        max_diff, served = case.check()
+        assert max_diff < 1e-4, case.name
+        assert "served" in served and "fallback" not in served, (case.name, served)
+
+
+def test_a_training_step_changes_both_models_alike():
+    spec = _tiny_specs()[2]
+    (case,) = models_bench.cases(CPU, quick=True, spec_list=[spec])
+    stock, accelerated, *_ = models_bench._pair(spec, CPU, True)
+    before = stock.conv1.lin.weight.detach().clone()
+    losses = [fn().item() for fn in case.providers.values()]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert not torch.equal(before, stock.conv1.lin.weight)
+    torch.testing.assert_close(accelerated.conv1.lin.weight, stock.conv1.lin.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_the_table_shows_the_difference_and_what_was_served(monkeypatch):
+    monkeypatch.setattr(models_bench, "SPECS", _tiny_specs()[:1])
+    rows = run_family("models", CPU, quick=True, min_run_time=0.001)
+    assert [r["provider"] for r in rows] == ["pykernels (accelerate)", "stock"]
+    table = markdown_table(rows)
+    assert "| max abs diff | served |" in table and "sdpa served ×2" in table
