@@ -58,7 +58,8 @@ class _GraphCache:
     """Structures derived from ``edge_index`` tensors, shared by the layers of one :func:`accelerate` call.
 
     An entry is used only while its ``edge_index`` is the same live object with the same version counter and
-    storage, and is dropped when that tensor is freed; at most ``_CACHE_ENTRIES`` live at once.
+    storage, and is dropped when that tensor is freed; at most ``_CACHE_ENTRIES`` live at once. Nothing is
+    cached under ``torch.compile`` (the structure is traced) or inference mode.
     """
 
     def __init__(self):
@@ -72,7 +73,9 @@ class _GraphCache:
         self.__init__()
 
     def get(self, edge_index: torch.Tensor, key: tuple, build):
-        if torch.compiler.is_compiling() or edge_index.is_inference():
+        # Under inference mode the structure would be inference tensors, which a later training call cannot save
+        # for backward.
+        if torch.compiler.is_compiling() or edge_index.is_inference() or torch.is_inference_mode_enabled():
             return build()
         stamp = (edge_index._version, edge_index.data_ptr())
         full_key = (id(edge_index),) + key
@@ -516,7 +519,7 @@ def accelerate_convs(model: nn.Module, backend: str, tally, report, routed_type)
         if kind is None:
             subclass = next((k for c, k in classes.items() if isinstance(module, c)), None)
             if subclass is not None:
-                report.skipped.append((name, f"subclass {type(module).__qualname__} of PyG's {subclass}"))
+                report.skipped.append((name, f"subclass {type(module).__name__} of PyG's {subclass}"))
             continue
         current = module.__dict__.get("forward")
         holder = current if isinstance(current, routed_type) else None
