@@ -1,6 +1,7 @@
 """Argument checks shared by the public attention-family functions; messages name the op and the argument."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -67,3 +68,16 @@ def check_param_tensor(op: str, name: str, t, q) -> torch.Tensor:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its rows are contiguous (what the engines read), else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()
+
+
+def check_scale(op: str, scale, head_dim: int) -> float:
+    """The softmax scale: a finite real number, or None for ``head_dim ** -0.5``."""
+    if scale is None:
+        return head_dim ** -0.5 if head_dim > 0 else 1.0
+    if isinstance(scale, torch.SymFloat):  # traced by torch.compile: checked where it is made concrete
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return float(scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _attention_ops, _backend  # noqa: F401  (_attention_ops registers fake kernels and autograd)
-from ._checks import check_qkv_tensors, last_dim_contiguous
+from ._checks import check_qkv_tensors, check_scale, last_dim_contiguous
 from .reference import attention as ref
 
 __all__ = ["fused_attention"]
@@ -72,8 +72,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_b
     """
     _check_qkv(q, k, v)
     bias = _bias_from(attn_bias, q, k)
-    if scale is None:
-        scale = q.size(-1) ** -0.5
+    scale = check_scale(_OP, scale, q.size(-1))
     engine = _backend.select(_OP, backend, q.device)
     if engine == "reference":
         return ref.attention(q, k, v, bias, causal, scale, return_attn_mean)

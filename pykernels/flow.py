@@ -12,7 +12,7 @@ import torch
 
 from . import _backend, _flow_ops  # noqa: F401  (_flow_ops registers fake kernels and autograd)
 from ._checks import FLOAT_DTYPES
-from ._max_flow import max_flow, max_flow_layered
+from ._max_flow import _check_capacities, max_flow, max_flow_layered
 from .reference import flow as ref
 
 __all__ = ["attention_flow", "attention_rollout", "max_flow", "max_flow_layered", "maxmin_matmul",
@@ -110,6 +110,10 @@ def _check_maps(op: str, maps, residual: float) -> list[torch.Tensor]:
     for layer, a in enumerate(maps):
         if not isinstance(a, torch.Tensor) or a.dtype not in FLOAT_DTYPES or a.dim() < 2:
             raise TypeError(f"{op}: maps[{layer}] must be a float tensor [..., n_out, n_in]")
+        if a.dtype != maps[0].dtype:
+            raise TypeError(f"{op}: maps[{layer}] is {a.dtype} but maps[0] is {maps[0].dtype}")
+        if a.device != maps[0].device:
+            raise ValueError(f"{op}: maps[{layer}] is on {a.device} but maps[0] is on {maps[0].device}")
         if residual and a.size(-1) != a.size(-2):
             raise ValueError(f"{op}: maps[{layer}] is {list(a.shape)}; a residual needs square maps")
         if layer and a.size(-1) != maps[layer - 1].size(-2):
@@ -138,6 +142,8 @@ def attention_flow(maps, mode: str = "hard", residual: float = 0.5, temperature:
     op = "pykernels.attention_flow"
     maps = _check_maps(op, maps, residual)
     if mode == "exact":
+        for layer, a in enumerate(maps):  # here, so that the error names this op, not max_flow_layered
+            _check_capacities(op, f"maps[{layer}]", a)
         return max_flow_layered(maps, residual=residual)
     if mode not in ("hard", "soft"):
         raise ValueError(f"{op}: mode must be 'hard', 'soft' or 'exact', got {mode!r}")
@@ -168,6 +174,8 @@ def st_flow(cross_map: torch.Tensor, temporal_maps, temperature: float | None = 
     op = "pykernels.st_flow"
     if not isinstance(cross_map, torch.Tensor) or cross_map.dim() < 2:
         raise TypeError(f"{op}: cross_map must be a tensor [P, frames, text tokens]")
+    if cross_map.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: cross_map must be float32, float64, float16 or bfloat16, got {cross_map.dtype}")
     if temperature is not None:
         temperature = _check_temperature(op, temperature)
     frames = cross_map.size(-2)
@@ -176,6 +184,10 @@ def st_flow(cross_map: torch.Tensor, temporal_maps, temperature: float | None = 
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.size(-1) != frames or t.size(-2) != frames:
             raise ValueError(f"{op}: temporal_maps[{layer}] must be [..., {frames}, {frames}] (frames of "
                              f"cross_map), got {list(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.dtype != cross_map.dtype:
+            raise TypeError(f"{op}: temporal_maps[{layer}] is {t.dtype} but cross_map is {cross_map.dtype}")
+        if t.device != cross_map.device:
+            raise ValueError(f"{op}: temporal_maps[{layer}] is on {t.device} but cross_map is on {cross_map.device}")
         t = (t + torch.eye(frames, dtype=t.dtype, device=t.device)) / 2
         if effect is None:
             effect = t

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, _graph_ops
+from ._checks import check_scale
 from .reference import graph as ref
 
 __all__ = ["CSR", "scatter", "spmm", "sddmm", "edge_softmax", "graph_attention", "ScatterResult"]
@@ -81,24 +82,7 @@ class CSR:
         when omitted it is inferred from the largest index (one host synchronisation). Out-of-range or
         negative indices raise ``IndexError``. ``transpose=False`` skips the transpose for inference-only use.
         """
-        op = "pykernels.CSR.from_edge_index"
-        _check_index_tensor(op, "edge_index", edge_index)
-        if edge_index.dim() != 2 or edge_index.size(0) != 2:
-            raise ValueError(f"{op}: edge_index must have shape [2, E], got {list(edge_index.shape)}")
-        source, target = edge_index[0], edge_index[1]
-        num_cols, num_rows = _resolve_num_nodes(op, edge_index, num_nodes)
-        ns = getattr(torch.ops, _csr_namespace(edge_index.device))
-        rowptr, col, perm = ns.coo_to_csr(target, source, num_rows, num_cols, f"{op}: edge_index")
-        row = target.index_select(0, perm).long()
-        inv_perm = torch.empty_like(perm).index_copy_(0, perm, torch.arange(perm.numel(), device=perm.device))
-        rowptr_t = col_t = perm_t = None
-        if transpose:
-            rowptr_t, col_t, perm_t = ns.coo_to_csr(col, row, num_cols, num_rows, f"{op}: edge_index")
-        weight = None
-        if edge_weight is not None:
-            weight = _edge_values(op, "edge_weight", edge_weight, edge_index.size(1), None, edge_index.device)
-            weight = torch.empty_like(weight).index_copy_(0, inv_perm, weight)
-        return CSR(rowptr, col, row, perm, inv_perm, num_rows, num_cols, rowptr_t, col_t, perm_t, weight)
+        return _csr_from_edge_index("pykernels.CSR.from_edge_index", edge_index, num_nodes, edge_weight, transpose)
 
     @property
     def num_edges(self) -> int:
@@ -124,6 +108,27 @@ class CSR:
 
     def _kernel_args(self):
         return self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm_t
+
+
+def _csr_from_edge_index(op: str, edge_index, num_nodes, edge_weight, transpose: bool) -> CSR:
+    """:meth:`CSR.from_edge_index` with its errors prefixed by ``op``."""
+    _check_index_tensor(op, "edge_index", edge_index)
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"{op}: edge_index must have shape [2, E], got {list(edge_index.shape)}")
+    source, target = edge_index[0], edge_index[1]
+    num_cols, num_rows = _resolve_num_nodes(op, edge_index, num_nodes)
+    ns = getattr(torch.ops, _csr_namespace(edge_index.device))
+    rowptr, col, perm = ns.coo_to_csr(target, source, num_rows, num_cols, f"{op}: edge_index")
+    row = target.index_select(0, perm).long()
+    inv_perm = torch.empty_like(perm).index_copy_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    rowptr_t = col_t = perm_t = None
+    if transpose:
+        rowptr_t, col_t, perm_t = ns.coo_to_csr(col, row, num_cols, num_rows, f"{op}: edge_index")
+    weight = None
+    if edge_weight is not None:
+        weight = _edge_values(op, "edge_weight", edge_weight, edge_index.size(1), None, edge_index.device)
+        weight = torch.empty_like(weight).index_copy_(0, inv_perm, weight)
+    return CSR(rowptr, col, row, perm, inv_perm, num_rows, num_cols, rowptr_t, col_t, perm_t, weight)
 
 
 def _resolve_num_nodes(op, edge_index, num_nodes):
@@ -153,7 +158,9 @@ def _as_graph(op: str, graph, num_sources: int | None, num_targets: int | None =
             raise ValueError(f"{op}: edge_index must have shape [2, E], got {list(graph.shape)}")
         n_src = num_sources
         n_dst = num_targets if num_targets is not None else num_sources
-        return CSR.from_edge_index(graph, num_nodes=(n_src, n_dst))
+        # Errors name the op called and the step that found them, e.g. "pykernels.spmm:
+        # pykernels.CSR.from_edge_index: edge_index holds source index 4 ...".
+        return _csr_from_edge_index(f"{op}: pykernels.CSR.from_edge_index", graph, (n_src, n_dst), None, True)
     raise TypeError(f"{op}: graph must be a pykernels.CSR or an edge_index tensor, got {type(graph).__name__}")
 
 
@@ -310,8 +317,7 @@ def graph_attention(graph, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
                          f"{v3.size(0)}")
     csr = _as_graph(op, graph, k3.size(0), q3.size(0))
     _check_graph_device(op, csr, q3.device)
-    if scale is None:
-        scale = q3.size(2) ** -0.5 if q3.size(2) > 0 else 1.0
+    scale = check_scale(op, scale, q3.size(2))
     bias = None
     if edge_bias is not None:
         bias = csr.to_csr_order(_edge_values(op, "edge_bias", edge_bias, csr.num_edges, q3.size(1), q3.device,

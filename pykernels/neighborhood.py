@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _neighborhood_ops  # noqa: F401  (_neighborhood_ops registers fake kernels and autograd)
-from ._checks import check_grid_qkv, check_param_tensor, int_pair, last_dim_contiguous
+from ._checks import check_grid_qkv, check_param_tensor, check_scale, int_pair, last_dim_contiguous
 from .reference import neighborhood as ref
 
 __all__ = ["neighborhood_attention_2d"]
@@ -53,8 +53,7 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dil = int_pair(_OP, "dilation", dilation, 0)
     _check_geometry(spatial, kernel, dil)
     rpb = _check_rpb(rel_pos_bias, q, kernel)
-    if scale is None:
-        scale = q.size(-1) ** -0.5
+    scale = check_scale(_OP, scale, q.size(-1))
     engine = _backend.select(_OP, backend, q.device)
     if engine == "reference":
         return ref.neighborhood_attention_2d(q, k, v, spatial, kernel, dil, rpb, scale)

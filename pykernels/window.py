@@ -6,13 +6,11 @@ bias and their shift-mask region by index arithmetic.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 
 from . import _backend, _window_ops  # noqa: F401  (_window_ops registers fake kernels and autograd)
-from ._checks import check_grid_qkv, check_param_tensor, int_pair, last_dim_contiguous
+from ._checks import check_grid_qkv, check_param_tensor, check_scale, int_pair, last_dim_contiguous
 from .reference import window as ref
 
 __all__ = ["msw_msa", "msw_msa_shift", "swin_window_shift", "window_attention"]
@@ -48,7 +46,7 @@ def _split_bias(op: str, rel_pos_bias, q, requested, window):
             f" (the window is clamped from {requested} to the {window} grid as timm does, and the table must "
             "follow it, e.g. timm's resize_rel_pos_bias_table)")
         raise ValueError(f"{op}: a relative-position table for window {window} and {heads} heads must be "
-                         f"[{rows}, {heads}], got {list(bias.shape)}{clamped}")
+                         f"[{rows}, {heads}], got {list(bias.shape)} as rel_pos_bias{clamped}")
     if bias.dim() == 3:
         if bias.shape != (heads, n, n):
             raise ValueError(f"{op}: a dense rel_pos_bias for window {window} and {heads} heads must be "
@@ -68,14 +66,6 @@ def _pad_kv(op: str, pad_kv, q, v):
         raise ValueError(f"{op}: pad_kv must be [2, heads, D] = [2, {q.size(1)}, {q.size(3)}], got "
                          f"{list(pad_kv.shape)}")
     return pad_kv.contiguous()
-
-
-def _scale(op: str, scale, q) -> float:
-    if scale is None:
-        return q.size(-1) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
-    return float(scale)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, window_size, shift_size=0,
@@ -107,7 +97,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
     window, shift = swin_window_shift(spatial, window_size, shift_size)
     bias_table, dense_bias = _split_bias(op, rel_pos_bias, q, requested, window)
     pad = _pad_kv(op, pad_kv, q, v)
-    scale = _scale(op, scale, q)
+    scale = check_scale(op, scale, q.size(-1))
     shift_mask = bool(shift_mask)
     engine = _backend.select(op, backend, q.device)
     if engine == "reference":
@@ -161,7 +151,7 @@ def msw_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, sh
     shift = int_pair(op, "shift", shift, 0)
     if shift[0] >= window[0] or shift[1] >= window[1]:
         raise ValueError(f"{op}: shift {shift} must be smaller than the window {window} on both axes")
-    scale = _scale(op, scale, q)
+    scale = check_scale(op, scale, q.size(-1))
     if _backend.select(op, backend, q.device) == "reference":
         return ref.msw_msa(q, k, v, spatial, shift, scale)
     grid = (2 * window[0], 2 * window[1])

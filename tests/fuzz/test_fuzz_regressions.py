@@ -1,0 +1,140 @@
+"""Cases the property-based fuzzer (tests/fuzz/test_fuzz.py) found, kept as plain regression tests.
+
+Fixed in the Python wrappers: each test failed before its fix. Engine defects not yet fixed (C++ and Triton
+code) are strict xfails stating the reference's answer: they start passing, and so fail as XPASS, the day
+the engine is fixed, and the fuzzer's ``known`` entry for them (fuzz_ops.py) should go with them.
+"""
+import math
+
+import pytest
+import torch
+
+import pykernels as pk
+
+
+def _qkv(b=1, h=2, n=4, d=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+# ------------------------------------------------------------------------------------------ fixed
+@pytest.mark.parametrize("scale,exc", [("0.5", TypeError), (math.nan, ValueError), (math.inf, ValueError),
+                                       (True, TypeError)])
+def test_attention_family_rejects_bad_scale(scale, exc):
+    """fused_attention took float("0.5") and NaN silently; neighbourhood attention and graph_attention
+    passed a string on to float() (a ValueError naming neither op nor argument)."""
+    q, k, v = _qkv(n=9)
+    calls = {
+        "pykernels.fused_attention": lambda: pk.fused_attention(q, k, v, scale=scale),
+        "pykernels.window_attention": lambda: pk.window_attention(q, k, v, (3, 3), 3, scale=scale),
+        "pykernels.msw_msa": lambda: pk.msw_msa(q[..., :4, :], k[..., :4, :], v[..., :4, :], (2, 2), 0, scale=scale),
+        "pykernels.neighborhood_attention_2d": lambda: pk.neighborhood_attention_2d(q, k, v, (3, 3), 3, scale=scale),
+        "pykernels.graph_attention": lambda: pk.graph_attention(torch.tensor([[0, 1], [1, 0]]), q[0, :, :2].transpose(0, 1),
+                                                                k[0, :, :2].transpose(0, 1), v[0, :, :2].transpose(0, 1),
+                                                                scale),
+    }
+    for op, call in calls.items():
+        with pytest.raises(exc, match=rf"{op}: scale"):
+            call()
+
+
+def test_window_attention_table_error_names_rel_pos_bias():
+    q, k, v = _qkv(n=16)
+    with pytest.raises(ValueError, match=r"pykernels.window_attention: .*\[49, 2\], got \[50, 2\] as rel_pos_bias"):
+        pk.window_attention(q, k, v, (4, 4), 4, rel_pos_bias=torch.zeros(50, 2))
+
+
+def test_flow_maps_of_mixed_dtypes_name_the_map():
+    """attention_flow's error named pykernels.maxmin_matmul and its operands a/b; attention_rollout's was
+    torch.matmul's."""
+    maps = [torch.rand(3, 3), torch.rand(3, 3, dtype=torch.float64)]
+    with pytest.raises(TypeError, match=r"pykernels.attention_flow: maps\[1\] is torch.float64"):
+        pk.attention_flow(maps)
+    with pytest.raises(TypeError, match=r"pykernels.attention_rollout: maps\[1\] is torch.float64"):
+        pk.attention_rollout(maps)
+
+
+def test_exact_attention_flow_checks_capacities_itself():
+    """Negative maps with mode="exact" raised naming pykernels.max_flow_layered."""
+    with pytest.raises(ValueError, match=r"pykernels.attention_flow: maps\[0\] holds negative values"):
+        pk.attention_flow([torch.rand(3, 3) - 2], mode="exact")
+
+
+def test_st_flow_checks_dtypes_itself():
+    """An integer cross_map or a temporal map of another dtype raised from pykernels.(soft_)maxmin_matmul."""
+    temporal = [torch.rand(2, 3, 3)]
+    with pytest.raises(TypeError, match=r"pykernels.st_flow: cross_map must be float"):
+        pk.st_flow(torch.zeros(2, 3, 4, dtype=torch.int64), temporal, 0.1)
+    with pytest.raises(TypeError, match=r"pykernels.st_flow: temporal_maps\[0\] is torch.float32"):
+        pk.st_flow(torch.rand(2, 3, 4, dtype=torch.float64), temporal)
+
+
+@pytest.mark.parametrize("op", ["spmm", "sddmm", "edge_softmax", "graph_attention"])
+def test_edge_index_errors_name_the_op_it_was_passed_to(op):
+    """An out-of-range edge_index (num_nodes too small for it) raised naming pykernels.CSR.from_edge_index."""
+    edge_index = torch.tensor([[0, 5], [1, 0]])
+    x = torch.randn(3, 4)
+    calls = {"spmm": lambda: pk.spmm(edge_index, x),
+             "sddmm": lambda: pk.sddmm(edge_index, x, x),
+             "edge_softmax": lambda: pk.edge_softmax(edge_index, torch.randn(2), num_targets=3),
+             "graph_attention": lambda: pk.graph_attention(edge_index, x, x, x)}
+    with pytest.raises(IndexError, match=rf"pykernels.{op}: pykernels.CSR.from_edge_index: edge_index holds source "
+                                         r"index 5"):
+        calls[op]()
+
+
+# ------------------------------------------------------------------------------------------ engine defects
+@pytest.mark.xfail(strict=True, reason="C1: csrc/attention/flash_cpu.h fold_row reads an all-NaN score row as "
+                                       "fully masked (max_lanes skips NaN) and outputs 0")
+@pytest.mark.parametrize("op", ["fused_attention", "window_attention"])
+def test_cpu_nan_query_gives_nan(op):
+    q, k, v = _qkv(n=4, dtype=torch.float64)
+    q[0, 0, 1, 2] = math.nan
+    if op == "fused_attention":
+        out = pk.fused_attention(q, k, v, backend="cpu")
+    else:
+        out = pk.window_attention(q, k, v, (2, 2), 2, backend="cpu")
+    assert out[0, 0, 1].isnan().all()
+
+
+@pytest.mark.xfail(strict=True, reason="C1: the CPU attention map of a row with a +inf score is NaN at that key "
+                                       "and 0 elsewhere (exp(s - lse) with lse = +inf); the reference row is NaN")
+def test_cpu_attention_map_of_inf_score_row_is_nan():
+    q, k, v = _qkv(h=1, n=3, dtype=torch.float64)
+    k[0, 0, 1] = math.inf
+    _, attn = pk.fused_attention(q, k, v, return_attn_mean=True, backend="cpu")
+    expected = pk.fused_attention(q, k, v, return_attn_mean=True, backend="reference")[1]
+    assert expected.isnan().all()
+    assert attn.isnan().all()
+
+
+@pytest.mark.xfail(strict=True, reason="C1: the CPU edge softmax gives a target's finite-scored edges weight 0 "
+                                       "when another of its scores is NaN; the reference's weights are all NaN")
+def test_cpu_edge_softmax_nan_score_gives_nan():
+    edge_index = torch.tensor([[0, 0], [0, 0]])
+    scores = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+    assert pk.edge_softmax(edge_index, scores, num_targets=1, backend="reference").isnan().all()
+    assert pk.edge_softmax(edge_index, scores, num_targets=1, backend="cpu").isnan().all()
+
+
+@pytest.mark.xfail(strict=True, reason="C2: csrc/flow/maxmin.h soft_exponent forms (inf - inf) / t where the hard "
+                                       "product is +inf (and pykernels/triton/flow.py likewise)")
+def test_soft_maxmin_of_inf_pair_is_inf():
+    a = torch.tensor([[math.inf, 0.1]], dtype=torch.float64)
+    b = torch.tensor([[math.inf], [0.2]], dtype=torch.float64)
+    assert pk.soft_maxmin_matmul(a, b, 0.01, backend="reference").item() == math.inf
+    assert pk.soft_maxmin_matmul(a, b, 0.01, backend="cpu").item() == math.inf
+
+
+@pytest.mark.xfail(strict=True, reason="C3: csrc/common/online_softmax.h update() takes a single +inf score as "
+                                       "weight 1 (one-hot), where the reference and the returned weights are NaN")
+def test_cpu_graph_attention_inf_bias_matches_its_weights():
+    edge_index = torch.tensor([[0, 1], [0, 0]])
+    x = torch.randn(2, 1, 4, dtype=torch.float64)
+    bias = torch.tensor([math.inf, 0.0], dtype=torch.float64)
+    out, weights = pk.graph_attention(edge_index, x, x, x, edge_bias=bias, return_attention_weights=True,
+                                      backend="cpu")
+    expected, _ = pk.graph_attention(edge_index, x, x, x, edge_bias=bias, return_attention_weights=True,
+                                     backend="reference")
+    assert expected[0].isnan().all() and weights[0].isnan().all()
+    assert out[0].isnan().all()
