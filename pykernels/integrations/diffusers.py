@@ -118,7 +118,8 @@ class MSWMSAProcessor:
 
     The token grid ``(H, W)`` of a call is ``spatial_shape`` when given (a pair, or a callable of the token
     count), else derived as HiDiffusion does from the UNet input size that :func:`apply_msw_msa` records:
-    ``r = int(sqrt(H0 * W0 // N))``, ``(H0 // r, W0 // r)``; a square grid otherwise. Each call draws its shift
+    ``r = round(sqrt(H0 * W0 / N))``, ``(ceil(H0 / r), ceil(W0 / r))``, which is the grid diffusers' stride-2
+    convolutions leave at every stage, odd sides included; a square grid otherwise. Each call draws its shift
     from ``generator`` (HiDiffusion draws from the global generator), so a seeded generator reproduces a run.
     """
 
@@ -134,8 +135,13 @@ class MSWMSAProcessor:
             return tuple(self.spatial_shape)
         if self.input_size is not None:
             h0, w0 = self.input_size
-            ratio = int(math.sqrt(h0 * w0 // tokens))
-            return h0 // ratio, w0 // ratio
+            # HiDiffusion's expression, rounding included: a stride-2 stage of an odd side has ceil(side / 2)
+            # cells, so H0 * W0 / N falls a little short of 4 and flooring would make the ratio 1.
+            ratio = round((h0 * w0 / tokens) ** 0.5)
+            if ratio < 1:
+                raise ValueError(f"pykernels MSWMSAProcessor: {tokens} tokens are more than the UNet input's "
+                                 f"{h0} x {w0} grid holds")
+            return -(-h0 // ratio), -(-w0 // ratio)
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"pykernels MSWMSAProcessor: {tokens} tokens are not a square grid; pass spatial_shape "
