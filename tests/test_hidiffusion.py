@@ -91,6 +91,8 @@ BLOCK_CASES = [
     ("sd15", (768, 512), (2,)),
     ("sd15", (1000, 1480), (3,)),         # latent 125 x 185
     ("sd15", (512, 2048), (1,)),          # 2048 px wide, 1:4
+    ("sd15", (48, 1024), (1, 3)),         # latent 6 x 128: the vertical shift rounds to 0, and then HiDiffusion
+                                          # does not roll at all, though the horizontal shift is not 0
     ("sdxl", (1024, 1024), (0, 1, 2, 3)),
     ("sdxl", (520, 776), (0, 1, 2, 3)),   # latent 65 x 97 -> 33 x 49
     ("sdxl", (1000, 1480), (1, 2)),       # latent 125 x 185 -> 63 x 93
@@ -99,6 +101,13 @@ BLOCK_CASES = [
     ("sdxl", (1536, 640), (1,)),
     ("sdxl", (2048, 2048), (3,)),         # latent 256 -> 128
 ]
+
+
+@pytest.mark.parametrize("model", sorted(MSW_MSA_BLOCKS))
+def test_block_lists_are_hidiffusions(hd, model):
+    keys = {"sd15": hd.sd15_hidiffusion_key, "sdxl": hd.sdxl_hidiffusion_key,
+            "sdxl_turbo": hd.sdxl_turbo_hidiffusion_key}[model]()
+    assert list(MSW_MSA_BLOCKS[model]) == keys["windown_attn_module_key"]
 
 
 def _block_pair(hd, dim=8, heads=2):
