@@ -327,3 +327,30 @@ def test_inference_mode_then_training():
     with torch.inference_mode():
         torch.testing.assert_close(model(x, edge_index), reference(x, edge_index), **TOL[torch.float64])
     _assert_same_steps(model, reference, x, edge_index, None, TOL[torch.float64], steps=1)
+
+
+def test_to_hetero_copies_stay_accelerated():
+    class Hetero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = gnn.SAGEConv((5, 5), 8), gnn.GATConv((8, 8), 4, add_self_loops=False)
+
+        def forward(self, x, edge_index):
+            return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
+
+    metadata = (["a", "b"], [("a", "to", "b"), ("b", "to", "a")])
+    x = {"a": torch.randn(30, 5, dtype=torch.float64), "b": torch.randn(20, 5, dtype=torch.float64)}
+    edge_index = {("a", "to", "b"): random_graph(30, 90, num_targets=20, seed=1),
+                  ("b", "to", "a"): random_graph(20, 70, num_targets=30, seed=2)}
+    torch.manual_seed(0)
+    model = Hetero().double()
+    reference = gnn.to_hetero(copy.deepcopy(model), metadata)
+    pk.accelerate(model, families="graph")
+    hetero = gnn.to_hetero(model, metadata)
+    served = type(model.conv1.forward)
+    convs = [m for m in hetero.modules() if isinstance(m, gnn.MessagePassing)]
+    assert len(convs) == 4 and all(isinstance(m.__dict__.get("forward"), served) for m in convs)
+    reference.load_state_dict(hetero.state_dict())
+    out, expected = hetero(x, edge_index), reference(x, edge_index)
+    for node_type in ("a", "b"):
+        torch.testing.assert_close(out[node_type], expected[node_type], **TOL[torch.float64])
