@@ -2,9 +2,9 @@
 settings, gives bit-identical outputs and gradients to one sequential call; the deterministic switch is per
 thread, as ``pykernels.set_deterministic`` documents.
 
-The ops and inputs are the selftest's (``pykernels.selftest.CASES``, small size, float32) plus the flow ops it
-does not cover (ST-Flow and the exact max-flows). The C++ engine runs every case; the Triton engine one tiny
-case per family (interpreted on CPU, where it is slow).
+The ops and inputs are tests/op_cases.py's: the selftest's (small size for the threads, medium for the thread
+counts, float32) plus the flow ops it does not cover. The C++ engine runs every case; the Triton engine one
+tiny case per family (interpreted on CPU, where it is slow).
 """
 import threading
 
@@ -12,75 +12,15 @@ import pytest
 import torch
 
 import pykernels as pk
-from pykernels import selftest
-from pykernels.testing import engines_for, random_graph
+from pykernels.testing import engines_for
+
+from op_cases import SELFTEST, TINY, call as _call, inputs as _inputs
 
 THREADS = 8
-
-
-def _flow_cases():
-    def st_flow_make(size, g):
-        return [torch.rand(6, 5, 4, generator=g, dtype=torch.float64),
-                torch.rand(6, 5, 5, generator=g, dtype=torch.float64)], []
-
-    def max_flow_make(size, g):
-        return [], [random_graph(30, 120, seed=3), torch.rand(120, generator=g, dtype=torch.float64)]
-
-    def layered_make(size, g):
-        return [], [torch.rand(3, 2, 9, 9, generator=g, dtype=torch.float64).softmax(-1)]
-
-    return (
-        selftest.Case("flow", "st_flow", st_flow_make,
-                      lambda c, t, *, backend: pk.st_flow(c, [t, t], temperature=0.1, backend=backend)),
-        # The exact max-flows run the C++ engine whatever the backend: their results must not depend on threads.
-        selftest.Case("flow", "max_flow", max_flow_make,
-                      lambda ei, cap, *, backend: pk.max_flow(ei, cap, torch.arange(5), torch.arange(25, 30))),
-        selftest.Case("flow", "max_flow_layered", layered_make,
-                      lambda maps, *, backend: pk.max_flow_layered(list(maps))),
-    )
-
-
-CASES = {f"{c.family}: {c.name}": c for c in (*selftest.CASES, *_flow_cases())}
-
-
-def _tiny(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
-
-
+CASES = SELFTEST
 # One tiny case per family for the interpreted Triton engine, where each kernel runs one program at a time.
-TRITON_CASES = {c.name: c for c in (
-    selftest.Case("attention", "fused_attention head-mean map",
-                  lambda size, g: ([_tiny(1, 2, 5, 8), _tiny(1, 1, 6, 8), _tiny(1, 1, 6, 8)], []),
-                  lambda q, k, v, *, backend: pk.fused_attention(q, k, v, return_attn_mean=True, backend=backend)),
-    selftest.Case("window", "window_attention shifted",
-                  lambda size, g: ([_tiny(1, 1, 16, 8), _tiny(1, 1, 16, 8), _tiny(1, 1, 16, 8), _tiny(9, 1)],
-                                   []),
-                  lambda q, k, v, t, *, backend: pk.window_attention(q, k, v, (4, 4), 2, 1, t, backend=backend)),
-    selftest.Case("flow", "maxmin_matmul", lambda size, g: ([_tiny(2, 3, 4), _tiny(4, 5)], []),
-                  lambda a, b, *, backend: pk.maxmin_matmul(a, b, backend=backend)),
-    selftest.Case("graph", "graph_attention",
-                  lambda size, g: ([_tiny(6, 1, 4), _tiny(6, 1, 4), _tiny(6, 1, 4)], [random_graph(6, 12)]),
-                  lambda q, k, v, ei, *, backend: pk.graph_attention(ei, q, k, v, backend=backend)),
-)}
-
-
-def _inputs(case, dtype, size="small"):
-    grad_inputs, rest = case.make(size, torch.Generator().manual_seed(0))
-    return [t.to(dtype) for t in grad_inputs], rest
-
-
-def _call(case, grad_inputs, rest, backend):
-    """Outputs and input gradients of one call, under fixed cotangents."""
-    grad_inputs = [t.detach().clone().requires_grad_() for t in grad_inputs]
-    outs = case.run(*grad_inputs, *rest, backend=backend)
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
-    grads = []
-    if floats:
-        g = torch.Generator().manual_seed(1)
-        cotangents = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in floats]
-        grads = torch.autograd.grad(floats, grad_inputs, cotangents, allow_unused=True)
-    return [o.detach() for o in outs] + [gr for gr in grads if gr is not None]
+TRITON_CASES = ["graph: graph_attention", "attention: fused_attention head-mean map",
+                "window: window_attention shifted", "flow: maxmin_matmul"]
 
 
 def _assert_identical(actual, expected, what):
@@ -132,7 +72,7 @@ def test_cpu_engine_threads_match_sequential(name):
 @pytest.mark.skipif("triton" not in engines_for("cpu"), reason="the Triton engine cannot run here")
 @pytest.mark.parametrize("name", TRITON_CASES)
 def test_triton_engine_threads_match_sequential(name):
-    _check_threads(TRITON_CASES[name], "triton", repeats=1)
+    _check_threads(TINY[name], "triton", repeats=1)
 
 
 @pytest.mark.parametrize("name", CASES)
