@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import statistics
@@ -93,11 +94,22 @@ def _stderr_silenced():
         os.close(devnull)
 
 
+def allocator_events(fn) -> list[int]:
+    """What the CPU torch allocator did during one call of ``fn``: bytes allocated (> 0) and freed (< 0), in
+    order, as the profiler records them (memory a kernel allocates outside torch's allocator is not seen).
+    Their running sum is the live bytes above those held before the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return [nbytes for _, nbytes in events]
+
+
 def peak_memory_mb(fn, device: torch.device) -> float:
     """Peak bytes held by the torch allocator during one call of ``fn``, above what was held before.
 
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocator's alloc/free events recorded by the
-    profiler, replayed in order (memory a kernel allocates outside torch's allocator is not seen).
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of :func:`allocator_events`.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -106,13 +118,4 @@ def peak_memory_mb(fn, device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak / 2**20
+    return max(itertools.accumulate(allocator_events(fn), initial=0)) / 2**20
