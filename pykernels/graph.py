@@ -110,6 +110,11 @@ class CSR:
         return self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm_t
 
 
+# A CSR holds only tensors and ints, so a checkpoint that stores one (a cached GCNConv, a dataset's graphs)
+# loads under torch.load's default weights_only=True instead of asking for the unsafe weights_only=False.
+torch.serialization.add_safe_globals([CSR])
+
+
 def _csr_from_edge_index(op: str, edge_index, num_nodes, edge_weight, transpose: bool) -> CSR:
     """:meth:`CSR.from_edge_index` with its errors prefixed by ``op``."""
     _check_index_tensor(op, "edge_index", edge_index)
