@@ -16,6 +16,12 @@ Graph structure (the CSR of an ``edge_index``, GAT's self loops, GCN's normalise
 ``edge_weight`` is passed) is cached per ``accelerate`` call and reused across layers and calls while the
 ``edge_index`` tensor is the same object with the same version counter and storage, so an in-place change
 rebuilds it; an entry dies with its ``edge_index``. Under ``torch.compile`` nothing is cached (it is traced).
+A write through ``edge_index.data`` bumps no version counter and is not seen (autograd has the same blind spot).
+
+``torch.jit.script`` of an accelerated layer scripts PyG's own forward on a shallow copy sharing the Parameters;
+scripting a model that holds one makes torch put that copy in the model's ``_modules`` (its prepare step assigns
+what ``__prepare_scriptable__`` returns), so the model's layer then runs PyG's code. Copies (``copy.deepcopy``,
+``to_hetero``) keep the pykernels forward and count their calls apart from the report.
 """
 from __future__ import annotations
 
