@@ -247,7 +247,6 @@ class _PygForward:
     def original(self, *args, **kwargs):
         return type(self.conv).forward(self.conv, *args, **kwargs)
 
-
     def __call__(self, *args, **kwargs):
         from ..accelerate import _record  # it imports this module
 
