@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda_emulated)
         elif "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="property-based fuzzing (tests/fuzz): 20x the CI budget of draws, with a fresh seed")
+
+
+@pytest.fixture(scope="session")
+def fuzz_long(request) -> bool:
+    return request.config.getoption("--fuzz-long")

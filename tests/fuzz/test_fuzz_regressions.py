@@ -24,14 +24,14 @@ def test_attention_family_rejects_bad_scale(scale, exc):
     """fused_attention took float("0.5") and NaN silently; neighbourhood attention and graph_attention
     passed a string on to float() (a ValueError naming neither op nor argument)."""
     q, k, v = _qkv(n=9)
+    edge_index = torch.tensor([[0, 1], [1, 0]])
+    nodes = [t[0, :, :2].transpose(0, 1) for t in (q, k, v)]  # [2 nodes, heads, D]
     calls = {
         "pykernels.fused_attention": lambda: pk.fused_attention(q, k, v, scale=scale),
         "pykernels.window_attention": lambda: pk.window_attention(q, k, v, (3, 3), 3, scale=scale),
         "pykernels.msw_msa": lambda: pk.msw_msa(q[..., :4, :], k[..., :4, :], v[..., :4, :], (2, 2), 0, scale=scale),
         "pykernels.neighborhood_attention_2d": lambda: pk.neighborhood_attention_2d(q, k, v, (3, 3), 3, scale=scale),
-        "pykernels.graph_attention": lambda: pk.graph_attention(torch.tensor([[0, 1], [1, 0]]), q[0, :, :2].transpose(0, 1),
-                                                                k[0, :, :2].transpose(0, 1), v[0, :, :2].transpose(0, 1),
-                                                                scale),
+        "pykernels.graph_attention": lambda: pk.graph_attention(edge_index, *nodes, scale),
     }
     for op, call in calls.items():
         with pytest.raises(exc, match=rf"{op}: scale"):
