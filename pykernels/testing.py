@@ -1,5 +1,9 @@
-"""Test helpers shared by the test suite and the benchmarks: tolerances, engines, random graphs."""
+"""Test helpers shared by the test suite and the benchmarks: tolerances, engines, random graphs, peer packages."""
 from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 import torch
 
@@ -71,3 +75,29 @@ def assert_low_precision_error(actual: torch.Tensor, expected: torch.Tensor, eag
     ours = (actual.double() - expected.double()).abs().nan_to_num(0.0).max().item() if actual.numel() else 0.0
     theirs = (eager.double() - expected.double()).abs().nan_to_num(0.0).max().item() if eager.numel() else 0.0
     assert ours <= factor * theirs + atol, f"{msg}: error {ours:.3g} > {factor} x eager error {theirs:.3g} + {atol}"
+
+
+_OLD_MULTICONTROLNET = "diffusers.pipelines.controlnet.multicontrolnet"
+
+
+def import_hidiffusion():
+    """``hidiffusion.hidiffusion`` (the PyPI package, 0.1.10), the peer our MSW-MSA is compared and timed against.
+
+    It imports ``MultiControlNetModel`` from a module that newer diffusers no longer has; the old path is aliased
+    to the new one just for the import. A missing package raises ImportError; any other failure propagates.
+    """
+    try:
+        importlib.import_module(_OLD_MULTICONTROLNET)
+        shimmed = False
+    except ImportError:
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        alias = types.ModuleType(_OLD_MULTICONTROLNET)
+        alias.MultiControlNetModel = MultiControlNetModel
+        sys.modules[_OLD_MULTICONTROLNET] = alias
+        shimmed = True
+    try:
+        return importlib.import_module("hidiffusion.hidiffusion")
+    finally:
+        if shimmed:
+            del sys.modules[_OLD_MULTICONTROLNET]

@@ -1,5 +1,7 @@
 """The models benchmark times what it says: the accelerated copy computes the stock model's outputs, accelerate
 serves its calls, and a training step trains."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -30,6 +32,20 @@ def test_every_model_case_matches_stock_and_is_served():
         max_diff, served = case.check()
         assert max_diff < 1e-4, case.name
         assert "served" in served and "fallback" not in served, (case.name, served)
+
+
+def test_the_msw_msa_case_matches_the_hidiffusion_package():
+    if importlib.util.find_spec("hidiffusion") is None:
+        pytest.skip("needs hidiffusion (pip install hidiffusion --no-deps)")
+    spec = models_bench.ModelSpec("tiny SD 1.5 layout + MSW-MSA", "hidiffusion", "fwd",
+                                  models_bench._unet(16, channels=(32, 64, 128, 128)), output=lambda out: out.sample,
+                                  prepare=models_bench._msw_msa)
+    (case,) = models_bench.cases(CPU, quick=True, spec_list=[spec])
+    max_diff, served = case.check()
+    assert max_diff < 1e-4 and "sdpa served" in served
+    stock, accelerated, *_ = models_bench._pair(spec, CPU, True)
+    hidiffusion_blocks = [n for n, m in stock.named_modules() if type(m).__name__ == "transformer_block"]
+    assert len(hidiffusion_blocks) == 5, "the stock model must run HiDiffusion's own MSW-MSA blocks"
 
 
 def test_a_training_step_changes_both_models_alike():

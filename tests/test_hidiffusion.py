@@ -13,14 +13,13 @@ under test. Everything runs in float64 so that the two agree to rounding.
 import copy
 import importlib.util
 import math
-import sys
-import types
 import warnings
 
 import pytest
 import torch
 
 from pykernels.integrations.diffusers import MSW_MSA_BLOCKS, MSWMSAProcessor, apply_msw_msa
+from pykernels.testing import import_hidiffusion
 
 pytestmark = [
     pytest.mark.window,
@@ -28,32 +27,10 @@ pytestmark = [
                        "hidiffusion --no-deps)"),
 ]
 
-_OLD_MULTICONTROLNET = "diffusers.pipelines.controlnet.multicontrolnet"
-
-
-def _hidiffusion():
-    """hidiffusion 0.1.10 imports ``MultiControlNetModel`` from a module newer diffusers no longer has; alias the
-    old path to the new one just for the import. Only a missing package skips: a broken import fails."""
-    try:
-        importlib.import_module(_OLD_MULTICONTROLNET)
-        shimmed = False
-    except ImportError:
-        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-        alias = types.ModuleType(_OLD_MULTICONTROLNET)
-        alias.MultiControlNetModel = MultiControlNetModel
-        sys.modules[_OLD_MULTICONTROLNET] = alias
-        shimmed = True
-    try:
-        return importlib.import_module("hidiffusion.hidiffusion")
-    finally:
-        if shimmed:
-            del sys.modules[_OLD_MULTICONTROLNET]
-
 
 @pytest.fixture(scope="module")
 def hd():
-    return _hidiffusion()
+    return import_hidiffusion()
 
 
 @pytest.fixture(autouse=True)

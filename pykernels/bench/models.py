@@ -92,13 +92,13 @@ def _llama(device, quick):
 _SD15_CHANNELS = (320, 640, 1280, 1280)
 
 
-def _unet(latent: int):
+def _unet(latent: int, channels: tuple[int, ...] | None = None):
     def build(device, quick):
         import diffusers
 
-        channels = tuple(c // 2 for c in _SD15_CHANNELS) if quick else _SD15_CHANNELS
+        widths = channels or (tuple(c // 2 for c in _SD15_CHANNELS) if quick else _SD15_CHANNELS)
         model = _seeded(lambda: diffusers.UNet2DConditionModel(
-            sample_size=latent, block_out_channels=channels, cross_attention_dim=768, attention_head_dim=8,
+            sample_size=latent, block_out_channels=widths, cross_attention_dim=768, attention_head_dim=8,
             layers_per_block=2)).eval().to(device)
         g = torch.Generator().manual_seed(1)
         sample = torch.randn(2, 4, latent, latent, generator=g).to(device)  # batch 2: classifier-free guidance
@@ -108,13 +108,19 @@ def _unet(latent: int):
 
 
 def _msw_msa(model: nn.Module, accelerated: bool) -> None:
-    """HiDiffusion's MSW-MSA on SD 1.5's blocks, the same shift sequence in both models. Stock: the windows
-    partitioned, attended and reversed in plain PyTorch (HiDiffusion's steps, with SDPA); accelerated: the fused
-    window kernel on the un-partitioned map."""
-    from ..integrations.diffusers import apply_msw_msa
+    """HiDiffusion's MSW-MSA on SD 1.5's blocks. Stock: the hidiffusion package's own patched blocks (RAU-Net off);
+    accelerated: :func:`pykernels.integrations.diffusers.apply_msw_msa`, the fused window kernel on the
+    un-partitioned map. Both draw each block's shift from the global generator, as HiDiffusion does."""
+    if accelerated:
+        from ..integrations.diffusers import apply_msw_msa
 
-    apply_msw_msa(model, "sd15", generator=torch.Generator().manual_seed(2),
-                  backend="auto" if accelerated else "reference")
+        apply_msw_msa(model, "sd15")
+    else:
+        from ..testing import import_hidiffusion
+
+        # apply_hidiffusion reads a pipeline's name_or_path; an unofficial name makes it go by the module names.
+        model.name_or_path = "sd15-config"
+        import_hidiffusion().apply_hidiffusion(model, apply_raunet=False, apply_window_attn=True)
 
 
 class _GNN(nn.Module):
@@ -162,7 +168,7 @@ SPECS = [
               quick_label="2 layers, prefill 512 tokens", full_label="8 layers, hidden 1024, prefill 1024 tokens"),
     ModelSpec("diffusers UNet, SD 1.5 attention shapes", "diffusers", "fwd", _unet(64), output=lambda out: out.sample,
               quick_label="512², batch 2, half channels", full_label="512², batch 2"),
-    ModelSpec("diffusers UNet + HiDiffusion MSW-MSA", "diffusers", "fwd", _unet(128), output=lambda out: out.sample,
+    ModelSpec("diffusers UNet + HiDiffusion MSW-MSA", "hidiffusion", "fwd", _unet(128), output=lambda out: out.sample,
               prepare=_msw_msa,
               quick_label="1024², batch 2, half channels", full_label="1024², batch 2", quick=False),
     ModelSpec("PyG GAT, 2 layers, hidden 128", "torch_geometric", "train step", _gnn("GATConv"),
@@ -214,7 +220,10 @@ def _check(spec: ModelSpec, device: torch.device, quick: bool):
         args, kwargs = inputs()
         before = report.calls.copy()
         with torch.no_grad():
+            # The same global RNG state for both: HiDiffusion's MSW-MSA draws its shifts from it.
+            torch.manual_seed(0)
             ours = spec.output(accelerated(*args, **kwargs))
+            torch.manual_seed(0)
             theirs = spec.output(stock(*args, **kwargs))
         served = {(path, outcome): n - before[(path, outcome)] for (path, outcome), n in report.calls.items()
                   if n > before[(path, outcome)]}
