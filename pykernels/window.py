@@ -151,13 +151,16 @@ def msw_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, sh
     shift = int_pair(op, "shift", shift, 0)
     if shift[0] >= window[0] or shift[1] >= window[1]:
         raise ValueError(f"{op}: shift {shift} must be smaller than the window {window} on both axes")
-    scale = check_scale(op, scale, q.size(-1))
+    checked_scale = check_scale(op, scale, q.size(-1))
     if _backend.select(op, backend, q.device) == "reference":
-        return ref.msw_msa(q, k, v, spatial, shift, scale)
+        return ref.msw_msa(q, k, v, spatial, shift, checked_scale)
     grid = (2 * window[0], 2 * window[1])
     odd = grid != spatial
     if odd:
         q, k, v = (_resample(t, spatial, grid) for t in (q, k, v))
+    # The caller's scale, not checked_scale: under torch.compile(dynamic=True) the default D ** -0.5 is a
+    # symbolic float, which window_attention's check cannot test for finiteness without a graph break; given
+    # None it derives the same value itself (the resample keeps the head dim).
     out = window_attention(q, k, v, grid, window, shift if shift[0] > 0 else 0, shift_mask=False, scale=scale,
                            backend=backend)
     return _resample(out, grid, spatial) if odd else out
