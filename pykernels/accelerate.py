@@ -14,7 +14,7 @@ it replaces:
   processor, its SDPA call routed as above.
 * timm's ``SwinTransformerBlock`` (v1) gets a per-instance ``_attn`` that runs :func:`pykernels.window_attention`
   on the un-partitioned map with the block's own weights.
-* PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` get a per-instance ``forward``
+* PyG's ``GCNConv``, ``GATConv``, ``GATv2Conv``, ``SAGEConv`` and ``TransformerConv`` get a per-instance ``forward``
   (:mod:`pykernels.integrations.pyg`) that serves the forms the graph kernels compute exactly.
 
 Counts of served and fallen-through calls are kept in the report as the model runs, under ``torch.compile`` too:
@@ -415,8 +415,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto", families=None) -> Acc
       are reported as skipped. A call that the kernel would not compute as timm does (attention dropout in
       training, a map whose window or shift timm sets differently, hooks on the block's ``attn``) runs timm's
       code and is counted.
-    * ``"graph"`` family: PyG's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` (exact classes,
-      if ``torch_geometric`` is imported) stay PyG objects with a per-instance ``forward`` that runs on
+    * ``"graph"`` family: PyG's ``GCNConv``, ``GATConv``, ``GATv2Conv``, ``SAGEConv`` and ``TransformerConv``
+      (exact classes, if ``torch_geometric`` is imported) stay PyG objects with a per-instance ``forward`` that runs on
       :func:`pykernels.spmm`, :func:`pykernels.sddmm`, :func:`pykernels.edge_softmax` and
       :func:`pykernels.graph_attention` with the layer's own weights, reusing an ``edge_index``'s CSR across
       layers and calls while the tensor is unchanged. Forms computed otherwise (``size``, sparse or

@@ -1,5 +1,5 @@
-"""pk.accelerate on PyG models (the "graph" family): GCN, GAT, GraphSAGE and graph-transformer models against the
-same model unaccelerated, a training step at a time; what falls back to PyG's forward, and why."""
+"""pk.accelerate on PyG models (the "graph" family): GCN, GAT(v2), GraphSAGE and graph-transformer models against
+the same model unaccelerated, a training step at a time; what falls back to PyG's forward, and why."""
 import copy
 import pickle
 
@@ -25,6 +25,9 @@ CONVS = {
     "gat": lambda i, o: gnn.GATConv(i, o // 2, heads=2),
     "gat-dropout-mean": lambda i, o: gnn.GATConv(i, o, heads=3, concat=False, dropout=0.4, residual=True),
     "gat-edge-attr": lambda i, o: gnn.GATConv(i, o // 2, heads=2, edge_dim=3, fill_value="max"),
+    "gatv2": lambda i, o: gnn.GATv2Conv(i, o // 2, heads=2),
+    "gatv2-dropout-edge-shared": lambda i, o: gnn.GATv2Conv(i, o // 2, heads=2, dropout=0.4, edge_dim=3,
+                                                            share_weights=True, residual=True),
     "sage": lambda i, o: gnn.SAGEConv(i, o),
     "sage-max-project": lambda i, o: gnn.SAGEConv(i, o, aggr="max", project=True, normalize=True),
     "transformer": lambda i, o: gnn.TransformerConv(i, o // 2, heads=2),
@@ -264,6 +267,7 @@ def test_graph_structure_is_rebuilt_after_in_place_changes():
 def test_return_attention_weights_as_pyg():
     x, edge_index, edge_attr = _inputs(torch.float64)
     for make, extra in ((lambda: gnn.GATConv(D, 4, heads=2, edge_dim=3), (edge_attr,)),
+                        (lambda: gnn.GATv2Conv(D, 4, heads=2), ()),
                         (lambda: gnn.TransformerConv(D, 4, heads=2), ())):
         conv, accelerated, report = _layer(make)
         _same(accelerated(x, edge_index, *extra, return_attention_weights=True),
@@ -299,7 +303,7 @@ def test_copies_scripting_and_pickling():
     assert isinstance(model.conv1.__dict__["forward"], type(twin.conv1.forward))
 
 
-@pytest.mark.parametrize("kind", ["gcn", "gat", "sage", "transformer"])
+@pytest.mark.parametrize("kind", ["gcn", "gat", "gatv2", "sage", "transformer"])
 def test_compile_fullgraph(kind):
     model = Net(CONVS[kind]).eval()
     reference = copy.deepcopy(model)

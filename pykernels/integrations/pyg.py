@@ -1,4 +1,4 @@
-"""PyTorch Geometric's ``GCNConv``, ``GATConv``, ``SAGEConv`` and ``TransformerConv`` served by pykernels' kernels.
+"""PyTorch Geometric's ``GCNConv``, ``GATConv``, ``GATv2Conv``, ``SAGEConv`` and ``TransformerConv`` on pykernels.
 
 :func:`pykernels.accelerate` (``"graph"`` family) keeps each layer the PyG object it is (same class, same
 Parameters, so ``isinstance``, ``to_hetero`` and explainers see PyG's layer) and gives it a per-instance
@@ -42,7 +42,7 @@ from ..graph import CSR, edge_softmax, graph_attention, scatter, sddmm, spmm
 from ..nn._common import append_self_loops, fill_loop_attr
 
 PATH = "pyg"
-_CONVS = ("GCNConv", "GATConv", "SAGEConv", "TransformerConv")
+_CONVS = ("GCNConv", "GATConv", "GATv2Conv", "SAGEConv", "TransformerConv")
 _SAGE_AGGRS = {"MeanAggregation": "mean", "MaxAggregation": "max", "MinAggregation": "min",
                "SumAggregation": "sum"}
 _HOOK_DICTS = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks", "_message_forward_pre_hooks",
@@ -330,6 +330,22 @@ class _PygForward:
             return reason, None
         return None, lambda: _gat(self, x, edge_index, edge_attr if conv.lin_edge is not None else None, want)
 
+    def _GATv2Conv(self, a):
+        conv, x, edge_index = self.conv, a["x"], a["edge_index"]
+        edge_attr = a.get("edge_attr")
+        reason = self._common_reason(a, allow_pair=True)
+        if reason is None:
+            reason = _dropout_reason(conv, edge_index.device)
+            if reason is None and edge_attr is not None:
+                reason = ("edge_attr without edge_dim (PyG raises)" if conv.lin_edge is None else
+                          _edge_values_reason("edge_attr", edge_attr, x if isinstance(x, torch.Tensor) else x[0],
+                                              edge_index.size(1), (1, 2)))
+            if reason is None and a.get("return_attention_weights") and torch.compiler.is_compiling():
+                reason = "return_attention_weights under torch.compile"
+        if reason is not None:
+            return reason, None
+        return None, lambda: _gat(self, x, edge_index, edge_attr, a.get("return_attention_weights"))
+
     def _SAGEConv(self, a):
         conv = self.conv
         reason = self._common_reason(a, allow_pair=True, aggr_names=tuple(_SAGE_AGGRS))
@@ -382,10 +398,22 @@ def _gat_structure(edge_index: torch.Tensor, n_src: int, n_dst: int, self_loops:
 
 
 def _gat(forward: _PygForward, x, edge_index, edge_attr, want):
+    """GATConv, and GATv2Conv, whose logits ``att . leaky_relu(W_l x_j + W_r x_i (+ W_e e))`` need the
+    ``[E, H, C]`` sums PyG also forms; both then share the masked edge softmax, dropout and SpMM."""
     conv, backend = forward.conv, forward.backend
     heads, channels = conv.heads, conv.out_channels
+    v2 = forward.kind == "GATv2Conv"
     res = None
-    if isinstance(x, torch.Tensor):
+    if v2:
+        x_src, x_dst = (x, x) if isinstance(x, torch.Tensor) else x
+        if conv.res is not None:
+            res = conv.res(x_dst)
+        x_src = conv.lin_l(x_src).view(-1, heads, channels)
+        if isinstance(x, torch.Tensor) and conv.share_weights:
+            x_dst = x_src
+        else:
+            x_dst = conv.lin_r(x_dst).view(-1, heads, channels)
+    elif isinstance(x, torch.Tensor):
         if conv.res is not None:
             res = conv.res(x)
         if conv.lin is not None:
@@ -406,12 +434,15 @@ def _gat(forward: _PygForward, x, edge_index, edge_attr, want):
         edge_index, ("gat", n_src, n_dst, conv.add_self_loops, positions),
         lambda: _gat_structure(edge_index, n_src, n_dst, conv.add_self_loops, positions))
 
-    logit_src = (x_src * conv.att_src).sum(dim=-1)
-    logit_dst = (x_dst * conv.att_dst).sum(dim=-1)
-    # One SDDMM of [a_d, 1] . [1, a_s] forms a_d[i] + a_s[j] per edge in CSR order; its backward is an SpMM over
-    # the cached transpose instead of the scatter-add that gathering [N, H] logits to edges costs.
-    alpha = sddmm(graph, torch.stack([logit_dst, torch.ones_like(logit_dst)], -1),
-                  torch.stack([torch.ones_like(logit_src), logit_src], -1), csr_order=True, backend=backend)
+    if v2:
+        alpha = x_src.index_select(0, graph.col) + x_dst.index_select(0, graph.row)
+    else:
+        logit_src = (x_src * conv.att_src).sum(dim=-1)
+        logit_dst = (x_dst * conv.att_dst).sum(dim=-1)
+        # One SDDMM of [a_d, 1] . [1, a_s] forms a_d[i] + a_s[j] per edge in CSR order; its backward is an SpMM
+        # over the cached transpose instead of the scatter-add that gathering [N, H] logits to edges costs.
+        alpha = sddmm(graph, torch.stack([logit_dst, torch.ones_like(logit_dst)], -1),
+                      torch.stack([torch.ones_like(logit_src), logit_src], -1), csr_order=True, backend=backend)
     if edge_attr is not None:
         if conv.add_self_loops:
             loop_attr = fill_loop_attr(edge_attr, edge_index[1], keep[:edge_index.size(1)], min(n_src, n_dst),
@@ -419,9 +450,14 @@ def _gat(forward: _PygForward, x, edge_index, edge_attr, want):
             edge_attr = torch.cat([edge_attr, loop_attr])
         if edge_attr.dim() == 1:
             edge_attr = edge_attr.view(-1, 1)
-        edge_logit = (conv.lin_edge(edge_attr).view(-1, heads, channels) * conv.att_edge).sum(dim=-1)
-        alpha = alpha + graph.to_csr_order(edge_logit)
+        edge_term = conv.lin_edge(edge_attr).view(-1, heads, channels)
+        if v2:
+            alpha = alpha + graph.to_csr_order(edge_term)
+        else:
+            alpha = alpha + graph.to_csr_order((edge_term * conv.att_edge).sum(dim=-1))
     alpha = F.leaky_relu(alpha, conv.negative_slope)
+    if v2:
+        alpha = (alpha * conv.att).sum(dim=-1)
     if keep_csr is not None:
         alpha = alpha.masked_fill(~keep_csr.unsqueeze(1), float("-inf"))
     alpha = edge_softmax(graph, alpha, csr_order=True, backend=backend)
