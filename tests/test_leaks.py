@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 
+import pykernels as pk
 from pykernels.bench.timing import allocator_events
 
 from op_cases import TINY, call, inputs
@@ -71,3 +72,19 @@ def test_rss_measure_sees_a_leak():
     kept.write(b"\1" * (2 * RSS_SLACK))  # pages count as resident once written
     assert process.memory_info().rss - rss >= RSS_SLACK
     kept.close()
+
+
+@pytest.mark.flow
+@pytest.mark.xfail(strict=True, reason="csrc/flow/maxmin_cpu.cpp keeps its packing scratch in thread_local "
+                   "std::vectors (a_rows, b_rows, best, total, which) that never shrink: after a call each thread "
+                   "that ran it holds its high-water panel (k * n for a per-batch b), outside torch's allocator")
+def test_maxmin_matmul_keeps_no_scratch_after_the_call():
+    a, b = torch.rand(2, 8, 2048), torch.rand(2, 2048, 2048)
+    process = psutil.Process()
+    rss = process.memory_info().rss
+    out = pk.maxmin_matmul(a, b, backend="cpu")
+    del out
+    gc.collect()
+    held = process.memory_info().rss - rss
+    # One [k, n] float32 panel is 16 MiB; each intra-op thread holds one.
+    assert held < RSS_SLACK, f"{held / 2**20:.1f} MiB held after the call"
