@@ -11,7 +11,8 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 
-from fuzz_ops import OPS, case_strategy
+from fuzz_ops import OPS
+from fuzz_spec import case_strategy
 from fuzz_runner import Pool, repro
 
 PARAMS = [pytest.param(name, engine, id=f"{name}-{engine}",
