@@ -131,7 +131,7 @@ def _build_flow(case, mk):
         kw["mode"], kw["temperature"], expect = "soft", 0.0, ((ValueError,), "temperature")
     elif inv == "exact_negative":
         kw["mode"] = "exact"
-        inputs["maps"] = [m - 2 for m in inputs["maps"]]
+        inputs["maps"] = [-(m.abs() + 1) for m in inputs["maps"]]
         expect = ((ValueError,), "maps[0]")
 
     def call(engine, t):

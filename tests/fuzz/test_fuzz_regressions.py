@@ -138,3 +138,11 @@ def test_cpu_graph_attention_inf_bias_matches_its_weights():
                                      backend="reference")
     assert expected[0].isnan().all() and weights[0].isnan().all()
     assert out[0].isnan().all()
+
+
+@pytest.mark.xfail(strict=True, reason="R1: pykernels/reference/flow.py with_residual divides by the row sum clamped "
+                                       "at the dtype's smallest normal number, so a row summing to a subnormal "
+                                       "is not renormalised to 1 (float64 would)")
+def test_rollout_renormalises_a_row_of_subnormal_sum():
+    a = torch.full((1, 1), 2.8e-40, dtype=torch.float32)
+    assert pk.attention_rollout([a], residual=0.0).item() == 1.0
