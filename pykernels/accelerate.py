@@ -519,7 +519,9 @@ def _window_swin_blocks(model: nn.Module, backend: str, tally: _Tally, report: A
 
 def restore(model: nn.Module) -> nn.Module:
     """Undoes :func:`accelerate` on ``model`` and all its submodules (also those accelerated by separate calls):
-    swapped ``MultiheadAttention`` modules get torch's class back, routed forwards and Swin overrides are removed.
+    swapped ``MultiheadAttention`` modules get torch's class back; routed forwards (PyG layers' included) and
+    Swin overrides are removed; diffusers layers get their own processor objects back; transformers models their
+    previous attention implementation.
     Modules built as pykernels modules by the user are left as they are. Returns ``model``."""
     from .integrations import pyg, transformers
 
