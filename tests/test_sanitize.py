@@ -1,5 +1,6 @@
 """The sanitized build (PYKERNELS_SANITIZE, ./run.sh sanitize): its CMake option, configure only, and, inside the
-sanitized run itself, that the engines under test really are the instrumented ones and that a report fails the run.
+sanitized run itself, that the engines under test really are the instrumented ones and that a report fails the run;
+then the defects the sanitized run exposed, each a test of the normal suite as well.
 """
 import json
 import os
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from pykernels.testing import namespaces
 
 ROOT = Path(__file__).resolve().parents[1]
 CMAKE = shutil.which("cmake")
@@ -87,3 +91,35 @@ def test_a_sanitizer_report_fails_the_run():
     assert proc.returncode != 0 and "not caught" not in proc.stdout, proc.stdout + proc.stderr
     assert "heap-buffer-overflow" in proc.stderr, proc.stderr
 
+
+# Defects the sanitized run exposes, each kept as a test of the normal suite too.
+
+# The C++ launchers' namespaces: the CPU engine and, in an emulation build, the CUDA engine's (same entry checks).
+CPP_NAMESPACES = [ns for ns in namespaces() if ns != "pykernels_triton"]
+
+
+@pytest.mark.parametrize("namespace", CPP_NAMESPACES)
+def test_direct_neighborhood_calls_whose_geometry_overflows_int64_are_refused(namespace):
+    # The entry checks multiplied, then compared: a wrapped product passed them, and the engine ran on the bogus
+    # geometry (a segfault in the normal build; UBSan's signed-overflow report in the sanitized one).
+    op = getattr(torch.ops, namespace).neighborhood_attention_2d
+    q = torch.randn(1, 1, 12, 4)
+    with pytest.raises(RuntimeError, match=r"kernel_size \* dilation along height \(4611686018427387905 \* 4\) "
+                                           r"exceeds the map's height 12"):
+        op(q, q, q, [12, 1], [2**62 + 1, 1], [4, 1], None, 1.0)
+    empty = torch.randn(1, 1, 0, 4)
+    with pytest.raises(RuntimeError, match=r"spatial_shape \[4294967296, 4294967296\] holds more tokens than int64"):
+        op(empty, empty, empty, [2**32, 2**32], [1, 1], [1, 1], None, 1.0)
+
+
+@pytest.mark.parametrize("namespace", CPP_NAMESPACES)
+def test_direct_window_calls_whose_geometry_overflows_int64_are_refused(namespace):
+    op = getattr(torch.ops, namespace).window_attention
+    empty = torch.randn(1, 1, 0, 4)
+    with pytest.raises(RuntimeError, match=r"spatial_shape \[4294967296, 4294967296\] has more cells than int64"):
+        op(empty, empty, empty, [2**32, 2**32], [7, 7], [0, 0], None, None, None, False, 1.0)
+    # A window of 2^62 x 2^62 positions on a 2 x 2 grid: its position count wrapped to 0.
+    q = torch.randn(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match=r"window \[4611686018427387904, 4611686018427387904\] must not exceed "
+                                           r"spatial_shape \[2, 2\]"):
+        op(q, q, q, [2, 2], [2**62, 2**62], [0, 0], None, None, None, False, 1.0)

@@ -19,7 +19,8 @@ inline neighborhood::Axis check_axis(const char* op, const char* axis, int64_t l
   TORCH_CHECK(length >= 1, op, ": spatial_shape ", axis, " must be positive, got ", length);
   TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, op, ": kernel_size ", axis, " must be odd and positive, got ", kernel);
   TORCH_CHECK(dilation >= 1, op, ": dilation ", axis, " must be positive, got ", dilation);
-  TORCH_CHECK(kernel * dilation <= length, op, ": kernel_size * dilation along ", axis, " (", kernel, " * ", dilation,
+  // kernel * dilation <= length, without the product: a direct call's huge kernel_size would wrap it past the check.
+  TORCH_CHECK(kernel <= length / dilation, op, ": kernel_size * dilation along ", axis, " (", kernel, " * ", dilation,
               ") exceeds the map's ", axis, " ", length);
   return {length, kernel, dilation};
 }
@@ -57,8 +58,10 @@ inline NeighborhoodDims check_neighborhood(const char* op, const at::Tensor& q, 
   NeighborhoodDims d{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3),
                      check_axis(op, "height", spatial_shape[0], kernel_size[0], dilation[0]),
                      check_axis(op, "width", spatial_shape[1], kernel_size[1], dilation[1])};
-  TORCH_CHECK(d.y.length * d.x.length == d.tokens, op, ": spatial_shape ", spatial_shape, " holds ",
-              d.y.length * d.x.length, " tokens, q has ", d.tokens);
+  int64_t cells = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(d.y.length, d.x.length, &cells), op, ": spatial_shape ", spatial_shape,
+              " holds more tokens than int64 counts");
+  TORCH_CHECK(cells == d.tokens, op, ": spatial_shape ", spatial_shape, " holds ", cells, " tokens, q has ", d.tokens);
   if (rpb) {
     check_floating(op, "rpb", *rpb, q);
     check_shape(op, "rpb", *rpb, {d.heads, 2 * d.y.kernel - 1, 2 * d.x.kernel - 1});

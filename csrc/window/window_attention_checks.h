@@ -45,8 +45,15 @@ inline WindowDims check_window_attention(const char* op, const at::Tensor& q, co
   check_pair(op, "spatial_shape", spatial_shape, 1);
   check_pair(op, "window", window, 1);
   check_pair(op, "shift", shift, 0);
-  TORCH_CHECK(spatial_shape[0] * spatial_shape[1] == q.size(2), op, ": spatial_shape ", spatial_shape, " has ",
-              spatial_shape[0] * spatial_shape[1], " cells but q has ", q.size(2), " tokens");
+  int64_t cells = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(spatial_shape[0], spatial_shape[1], &cells), op, ": spatial_shape ",
+              spatial_shape, " has more cells than int64 counts");
+  TORCH_CHECK(cells == q.size(2), op, ": spatial_shape ", spatial_shape, " has ", cells, " cells but q has ", q.size(2),
+              " tokens");
+  // The Python layer clamps the window to the grid, as timm does; bounded by the grid, every window product
+  // (positions, padded extents, table rows) is bounded by the token count and cannot overflow.
+  TORCH_CHECK(window[0] <= spatial_shape[0] && window[1] <= spatial_shape[1], op, ": window ", window,
+              " must not exceed spatial_shape ", spatial_shape);
   TORCH_CHECK(shift[0] < window[0] && shift[1] < window[1], op, ": shift ", shift, " must be smaller than window ",
               window);
   const WindowDims d{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3),
