@@ -2,22 +2,25 @@
 """Compile every Triton kernel of pykernels ahead of time for sm_80 and sm_90, no GPU needed.
 
 The specialisations come from the host code that launches the kernels, not from a list kept here: the
-engine's own wrappers (``pykernels/triton/*.py``) are driven on small CPU tensors with
-``JITFunction.run`` replaced by a recorder, so every tile size, ``num_warps``, ``num_stages``, dtype and
-constexpr flag the host rules pick for those inputs is captured with the argument specialisation Triton
-would key its cache on (pointer dtypes, integer divisibility). ``INTERPRETED`` is the one constexpr that
-follows the device (CPU tensors run under the interpreter); it is recorded as False, as on a GPU.
+engine's own wrappers (``pykernels/triton/*.py``) are driven on meta tensors with ``JITFunction.run``
+replaced by a recorder, so every tile size, ``num_warps``, ``num_stages``, dtype and constexpr flag the host
+rules pick for those inputs is captured with the argument specialisation Triton keys its cache on (pointer
+dtypes, integer divisibility, ints equal to 1). ``INTERPRETED`` follows the device; the recorder holds it to
+False, as on a GPU.
 
-The inputs (``drive()``) are chosen from the host rules so that every branch of them is reached: each
+The inputs (``drive_*()``) are chosen from the host rules so that every branch of them is reached: each
 dtype, each padded head-dim class, token counts that give full and clamped tiles, every flag of each op.
-Token counts are ragged (not multiples of 16) wherever the tile is not clamped, so specialisations that
-differ only in a token count collapse into one.
+Ragged sizes (not multiples of 16) come first, so where one tile has several divisibility variants the
+covering subset keeps the one without vector loads, which needs the most registers.
 
-Each unique specialisation is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``; ptxas's
-``-v`` report gives registers and spill bytes, the kernel metadata its shared memory. Fails (exit 1) on any
-compile error or shared memory above the arch's per-block opt-in limit; spills are reported, not fatal.
+Compiling all of them takes hours on 2 cores, so by default a covering subset is compiled (``covering()``);
+``--full`` compiles every one. Each is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``;
+ptxas's ``-v`` report gives registers and spill bytes, the kernel metadata its shared memory. Fails (exit 1)
+on any compile error, on shared memory above the arch's per-block opt-in limit, or when a @triton.jit
+``*_kernel`` of pykernels.triton is launched by no driver; spills are reported, not fatal.
 
-    python tools/check_triton_kernels.py [--jobs N] [--arch 80 90] [--kernel NAME] [--list] [--limit N]
+    python tools/check_triton_kernels.py [--jobs N] [--arch 80 90] [--full] [--kernel NAME] [--match REGEX]
+                                         [--limit N] [--list]
 """
 from __future__ import annotations
 
