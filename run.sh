@@ -3,8 +3,9 @@
 #   ./run.sh test  [pytest args...]     build + the full test suite
 #   ./run.sh bench [bench args...]      build + the benchmark report (default: --quick)
 #   ./run.sh setup                      build only
-#   ./run.sh sanitize [pytest args...]  the C++ engines (and the CUDA engine's emulation) built with ASan + UBSan
-#                                       in build/sanitize, and their tests run under them (default selection below)
+#   ./run.sh sanitize [pytest args...]  the C++ engines (and the CUDA engine's emulation, unless
+#                                       PYKERNELS_CUDA_EMULATE=0) built with ASan + UBSan in build/sanitize, and
+#                                       their tests run under them (args replace the default selection below)
 # Python: $PYTHON if set, else the active virtual environment, else ./.venv (created on first use).
 # PYKERNELS_CUDA=auto|on|off picks whether the CUDA engine is built (see README). `test` also builds the CUDA
 # engine's emulation (PYKERNELS_CUDA_EMULATE=1, unless set to 0), whose tests run the CUDA kernels on the CPU.
@@ -57,14 +58,14 @@ setup() {
 # tests are left out (no C++ runs in them, and they are the slow part of the suite).
 SANITIZE_DEFAULT_TESTS=(tests/test_attention.py tests/test_attention_nn.py tests/test_flow.py tests/test_max_flow.py
   tests/test_window.py tests/test_window_nn.py tests/test_neighborhood.py tests/test_graph_ops.py tests/test_graph_nn.py
-  tests/test_sanitize.py -k "not triton")
+  tests/test_sanitize.py -k "not triton" -q)
 sanitize() {
   local dir=build/sanitize scripts stage f runtime site
   scripts=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
   "$scripts/cmake" -S . -B "$dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$scripts/ninja" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DPython_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" \
     -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" \
-    -DPYKERNELS_CUDA=off -DPYKERNELS_CUDA_EMULATE=ON -DPYKERNELS_SANITIZE=address,undefined
+    -DPYKERNELS_CUDA=off -DPYKERNELS_CUDA_EMULATE="$PYKERNELS_CUDA_EMULATE" -DPYKERNELS_SANITIZE=address,undefined
   "$scripts/cmake" --build "$dir"
   stage=$dir/stage
   rm -rf "$stage"
@@ -92,7 +93,7 @@ shift || true
 case "$command" in
   setup) setup ;;
   test) export PYKERNELS_CUDA_EMULATE=${PYKERNELS_CUDA_EMULATE:-1}; setup; exec "$PYTHON" -m pytest "$@" ;;
-  sanitize) deps; sanitize "$@" ;;
+  sanitize) export PYKERNELS_CUDA_EMULATE=${PYKERNELS_CUDA_EMULATE:-1}; deps; sanitize "$@" ;;
   bench) setup; if [ $# -eq 0 ]; then set -- --quick; fi; exec "$PYTHON" -m pykernels bench "$@" ;;
   *) echo "usage: ./run.sh test|bench|setup|sanitize [args...]" >&2; exit 2 ;;
 esac
