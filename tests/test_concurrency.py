@@ -3,8 +3,8 @@ settings, gives bit-identical outputs and gradients to one sequential call; the 
 thread, as ``pykernels.set_deterministic`` documents.
 
 The ops and inputs are tests/op_cases.py's: the selftest's (small size for the threads, medium for the thread
-counts, float32) plus the flow ops it does not cover. The C++ engine runs every case; the Triton engine one
-tiny case per family (interpreted on CPU, where it is slow).
+counts, float32) plus the flow ops it does not cover. The C++ engine runs every case; the interpreted engines
+(Triton, and the emulated CUDA engine where built) one tiny case per family.
 """
 import threading
 
@@ -18,7 +18,7 @@ from op_cases import SELFTEST, TINY, call as _call, inputs as _inputs
 
 THREADS = 8
 CASES = SELFTEST
-# One tiny case per family for the interpreted Triton engine, where each kernel runs one program at a time.
+# One tiny case per family for the interpreted engines, where each kernel runs one program at a time.
 TRITON_CASES = ["graph: graph_attention", "attention: fused_attention head-mean map",
                 "window: window_attention shifted", "flow: maxmin_matmul"]
 
@@ -68,11 +68,17 @@ def test_cpu_engine_threads_match_sequential(name):
     _check_threads(CASES[name], "cpu", repeats=3)
 
 
-@pytest.mark.triton
-@pytest.mark.skipif("triton" not in engines_for("cpu"), reason="the Triton engine cannot run here")
+# The engines that run kernels one program at a time on CPU tensors: Triton's interpreter, and the CUDA engine
+# in its emulator (a PYKERNELS_CUDA_EMULATE=1 build).
+INTERPRETED = [pytest.param(e, marks=[pytest.mark.triton] if e == "triton" else []) for e in ("triton", "cuda")
+               if e in engines_for("cpu")]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="neither the Triton interpreter nor the emulated CUDA engine runs here")
+@pytest.mark.parametrize("engine", INTERPRETED)
 @pytest.mark.parametrize("name", TRITON_CASES)
-def test_triton_engine_threads_match_sequential(name):
-    _check_threads(TINY[name], "triton", repeats=1)
+def test_interpreted_engine_threads_match_sequential(name, engine):
+    _check_threads(TINY[name], engine, repeats=1)
 
 
 @pytest.mark.parametrize("name", CASES)
