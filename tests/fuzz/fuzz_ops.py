@@ -41,7 +41,7 @@ OPS = {
                               budget={"cpu": 300, "triton": 10}, known=C1M1),
     "msw_msa": _spec("pykernels.msw_msa", _msw_params, _build_msw,
                      ("shift_ge_window", "shift_negative", "spatial_mismatch", "spatial_zero"),
-                     budget={"cpu": 150, "triton": 6}, known=C1),
+                     budget={"cpu": 150, "triton": 6}, known=C1M1),
     "neighborhood_attention_2d": _spec("pykernels.neighborhood_attention_2d", _na_params, _build_na,
                                        ("kernel_even", "kernel_larger_than_map", "dilation_zero", "kernel_negative",
                                         "rpb_shape", "spatial_mismatch", "v_tokens"),

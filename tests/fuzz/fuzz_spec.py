@@ -116,7 +116,7 @@ def _nan_weights_as_zero():
 
 C1 = {"C1": (("cpu",), _nan_rows_as_masked)}
 # Known divergence M1 (CPU and Triton engines of the windowed family): a query whose every score in its
-# window is -inf (a -inf relative-position bias) outputs 0, fused_attention's documented rule for a fully
+# window is -inf (a -inf relative-position bias, or a key of ±inf) outputs 0, fused_attention's rule for a fully
 # masked query; the window and neighbourhood references run torch.softmax, which gives NaN.
 C1M1 = {"C1": (("cpu",), _nan_rows_as_masked), "M1": (("triton",), _nan_rows_as_masked)}
 C3 = {"C3": (("cpu",), _inf_score_is_one_hot), "C1": (("cpu",), _nan_weights_as_zero)}
