@@ -75,7 +75,6 @@ def test_the_engines_under_test_are_the_instrumented_build():
         modules.append(emulated)
     for module in modules:
         path = Path(module.__file__)
-        assert "sanitize" in path.parts, path
         binary = path.read_bytes()
         assert b"__asan_report_load" in binary and b"__ubsan_handle_" in binary, f"{path} is not instrumented"
     assert "libasan" in Path("/proc/self/maps").read_text()
