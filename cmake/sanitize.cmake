@@ -20,7 +20,7 @@ if(PYKERNELS_SANITIZE)
   # No LTO and no strip from pybind11: LTO would move code generation to the link, and stripping drops the symbols
   # and lines the reports are written with.
   set(PK_MODULE_EXTRAS NO_EXTRAS)
-  message(STATUS "pykernels: sanitizers ${PYKERNELS_SANITIZE} (the C++ engines at -O1 -g; load them with libasan "
+  message(STATUS "pykernels: sanitizers ${PYKERNELS_SANITIZE} (the C++ engines at -O1 -g1; load them with libasan "
                  "preloaded, as ./run.sh sanitize does)")
 endif()
 
@@ -36,9 +36,10 @@ function(pk_sanitize target)
   endif()
   list(JOIN PK_SANITIZERS "," _list)
   # -O1 after the target's -O3: ASan's usual level (fast enough for the test suite, and frames stay readable);
+  # -g1: line tables, all a report's file:line needs, at less compile time than full debug info;
   # -fno-sanitize-recover: the first UB report ends the process, so a test run cannot pass over one.
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${_list} -fno-sanitize-recover=all
-                         -fno-omit-frame-pointer -g -O1>)
+                         -fno-omit-frame-pointer -g1 -O1>)
   target_link_options(${target} PRIVATE -fsanitize=${_list})
   if(_arg_TSAN_UNITS AND "address" IN_LIST PK_SANITIZERS)
     set_property(SOURCE ${_arg_TSAN_UNITS} APPEND PROPERTY COMPILE_OPTIONS -fno-sanitize=address)
