@@ -78,6 +78,10 @@ def check_scale(op: str, scale, head_dim: int) -> float:
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
+    # Under dynamo a scale computed from a symbolic size is a traced value that is not seen as a SymFloat here;
+    # math.isfinite on it would break the graph. Its value is checked where it is made concrete.
+    if torch.compiler.is_compiling():
+        return scale
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     return float(scale)

@@ -320,9 +320,6 @@ def test_graph_ops_stay_dynamic_in_the_graph_size():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="pykernels/_checks.py check_scale: under dynamo a symbolic scale is not "
-                   "seen as torch.SymFloat, so math.isfinite runs on it and breaks the graph ('torch.* op "
-                   "returned non-Tensor')")
 def test_scale_computed_from_a_dynamic_shape_compiles():
     """Model code often writes ``scale=head_dim ** -0.5`` with head_dim read from a tensor's shape."""
     fn = lambda q, k, v: pk.fused_attention(q, k, v, scale=q.size(-1) ** -0.5)  # noqa: E731
