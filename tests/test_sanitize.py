@@ -68,7 +68,7 @@ def test_the_engines_under_test_are_the_instrumented_build():
     from pykernels import _backend
 
     modules = [engine]
-    if os.environ.get("PYKERNELS_CUDA_EMULATE") != "0":
+    if os.environ.get("PYKERNELS_CUDA_EMULATE", "1").upper() not in ("", "0", "OFF"):
         assert _backend.cuda_emulated(), "the sanitized run must cover the emulated CUDA engine too"
         import pykernels._cuda_emulated as emulated
 
