@@ -34,7 +34,8 @@ deps() {
   printf '%s\n' "$TORCH_PIN" "$TORCHVISION_PIN" > "$constraints"
   "$PYTHON" -m pip install --quiet -c "$constraints" "$TORCH_PIN" "$TORCHVISION_PIN"
   "$PYTHON" -m pip install --quiet -c "$constraints" "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
-    triton pytest hypothesis torch_geometric networkx scipy diffusers timm transformers matplotlib tqdm
+    triton pytest hypothesis psutil torch_geometric networkx scipy diffusers hidiffusion timm transformers matplotlib \
+    tqdm
   "$PYTHON" - "$TORCH_PIN" "$TORCHVISION_PIN" <<'PY'
 import sys, torch, torchvision
 want = {"torch": sys.argv[1].split("==")[1], "torchvision": sys.argv[2].split("==")[1]}
