@@ -30,7 +30,9 @@ fi
 deps() {
   local constraints
   constraints=$(mktemp)
-  trap 'rm -f "$constraints"' RETURN
+  # A RETURN trap stays set after the function returns; it clears itself, or it would fire again (with
+  # $constraints out of scope) when the caller returns.
+  trap 'rm -f "$constraints"; trap - RETURN' RETURN
   printf '%s\n' "$TORCH_PIN" "$TORCHVISION_PIN" > "$constraints"
   "$PYTHON" -m pip install --quiet -c "$constraints" "$TORCH_PIN" "$TORCHVISION_PIN"
   "$PYTHON" -m pip install --quiet -c "$constraints" "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy \
