@@ -315,36 +315,31 @@ class _PygForward:
         return None, run
 
     def _GATConv(self, a):
-        conv, x, edge_index = self.conv, a["x"], a["edge_index"]
-        edge_attr, want = a.get("edge_attr"), a.get("return_attention_weights")
-        reason = self._common_reason(a, allow_pair=True)
-        if reason is None:
-            device = edge_index.device
-            reason = _dropout_reason(conv, device)
-            if reason is None and edge_attr is not None and conv.lin_edge is not None:
-                reason = _edge_values_reason("edge_attr", edge_attr, x if isinstance(x, torch.Tensor) else x[0],
-                                             edge_index.size(1), (1, 2))
-            if reason is None and want and torch.compiler.is_compiling():
-                reason = "return_attention_weights under torch.compile"
-        if reason is not None:
-            return reason, None
-        return None, lambda: _gat(self, x, edge_index, edge_attr if conv.lin_edge is not None else None, want)
+        # PyG's GATConv drops an edge_attr it has no edge_dim for.
+        return self._gat_family(a, edge_attr_without_dim=None)
 
     def _GATv2Conv(self, a):
+        return self._gat_family(a, edge_attr_without_dim="edge_attr without edge_dim (PyG raises)")
+
+    def _gat_family(self, a, edge_attr_without_dim):
+        """GATConv and GATv2Conv: ``edge_attr_without_dim`` is the fallback reason for an ``edge_attr`` the layer
+        has no ``edge_dim`` for, or None where the layer ignores such an ``edge_attr``."""
         conv, x, edge_index = self.conv, a["x"], a["edge_index"]
-        edge_attr = a.get("edge_attr")
+        edge_attr, want = a.get("edge_attr"), a.get("return_attention_weights")
+        if edge_attr is not None and conv.lin_edge is None and edge_attr_without_dim is None:
+            edge_attr = None
         reason = self._common_reason(a, allow_pair=True)
         if reason is None:
             reason = _dropout_reason(conv, edge_index.device)
             if reason is None and edge_attr is not None:
-                reason = ("edge_attr without edge_dim (PyG raises)" if conv.lin_edge is None else
+                reason = (edge_attr_without_dim if conv.lin_edge is None else
                           _edge_values_reason("edge_attr", edge_attr, x if isinstance(x, torch.Tensor) else x[0],
                                               edge_index.size(1), (1, 2)))
-            if reason is None and a.get("return_attention_weights") and torch.compiler.is_compiling():
+            if reason is None and want and torch.compiler.is_compiling():
                 reason = "return_attention_weights under torch.compile"
         if reason is not None:
             return reason, None
-        return None, lambda: _gat(self, x, edge_index, edge_attr, a.get("return_attention_weights"))
+        return None, lambda: _gat(self, x, edge_index, edge_attr, want)
 
     def _SAGEConv(self, a):
         conv = self.conv
