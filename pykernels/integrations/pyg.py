@@ -39,7 +39,7 @@ from torch import nn
 from .. import _backend
 from .._checks import FLOAT_DTYPES
 from ..graph import CSR, edge_softmax, graph_attention, scatter, sddmm, spmm
-from ..nn._common import append_self_loops, fill_loop_attr
+from ..nn._common import append_self_loops, fill_loop_attr, merge_heads, root_skip
 
 PATH = "pyg"
 _CONVS = ("GCNConv", "GATConv", "GATv2Conv", "SAGEConv", "TransformerConv")
@@ -463,11 +463,7 @@ def _gat(forward: _PygForward, x, edge_index, edge_attr, want):
         alpha = alpha * graph.to_csr_order(mask)
 
     out = spmm(graph, x_src, alpha, csr_order=True, backend=backend)
-    out = out.reshape(-1, heads * channels) if conv.concat else out.mean(dim=1)
-    if res is not None:
-        out = out + res
-    if conv.bias is not None:
-        out = out + conv.bias
+    out = merge_heads(out, conv.concat, res, conv.bias)
     if not want:
         return out
     alpha = graph.to_edge_order(alpha)
@@ -518,14 +514,9 @@ def _transformer(forward: _PygForward, x, edge_index, edge_attr, want):
         out = spmm(graph, value, weights, backend=backend)
         if edge is not None:
             out = out + scatter(weights.unsqueeze(-1) * edge, edge_index[1], 0, n_dst, backend=backend)
-    out = out.reshape(-1, heads * channels) if conv.concat else out.mean(dim=1)
+    out = merge_heads(out, conv.concat)
     if conv.root_weight:
-        x_r = conv.lin_skip(x_dst)
-        if conv.lin_beta is not None:
-            beta = conv.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
-            out = beta * x_r + (1 - beta) * out
-        else:
-            out = out + x_r
+        out = root_skip(out, conv.lin_skip(x_dst), conv.lin_beta)
     return (out, (edge_index, alpha)) if want_alpha else out
 
 

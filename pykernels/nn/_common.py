@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..graph import CSR, scatter
 
@@ -89,3 +90,22 @@ def fill_loop_attr(edge_attr: torch.Tensor, target: torch.Tensor, keep: torch.Te
     index = torch.where(keep, target, num_targets)
     out = scatter(edge_attr, index, 0, num_targets + 1, reduce, backend=backend)
     return (out if reduce in ("sum", "mean") else out.values)[:num_nodes]
+
+
+def merge_heads(out: torch.Tensor, concat: bool, residual: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PyG's attention-layer output from ``[N, H, C]`` head outputs: concatenated or averaged, then the residual
+    and the bias added."""
+    out = out.flatten(1) if concat else out.mean(dim=1)
+    if residual is not None:
+        out = out + residual
+    return out if bias is None else out + bias
+
+
+def root_skip(out: torch.Tensor, x_r: torch.Tensor, lin_beta: nn.Module | None) -> torch.Tensor:
+    """TransformerConv's skip connection: ``out + x_r``, or with ``lin_beta`` PyG's gate
+    ``beta * x_r + (1 - beta) * out``, ``beta = sigmoid(lin_beta([out, x_r, out - x_r]))``."""
+    if lin_beta is None:
+        return out + x_r
+    beta = lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
+    return beta * x_r + (1 - beta) * out

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import CSR, edge_softmax, sddmm, spmm
-from ._common import append_self_loops, as_csr, fill_loop_attr, glorot, pair
+from ._common import append_self_loops, as_csr, fill_loop_attr, glorot, merge_heads, pair
 
 
 class GATConv(nn.Module):
@@ -107,11 +107,7 @@ class GATConv(nn.Module):
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
 
         out = spmm(graph, h_src, alpha, csr_order=True, backend=self.backend)
-        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
-        if res is not None:
-            out = out + res
-        if self.bias is not None:
-            out = out + self.bias
+        out = merge_heads(out, self.concat, res, self.bias)
         if not return_attention_weights:
             return out
         alpha = graph.to_edge_order(alpha)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import edge_softmax, graph_attention, scatter, sddmm, spmm
-from ._common import as_csr, endpoints, pair
+from ._common import as_csr, endpoints, merge_heads, pair, root_skip
 
 
 class TransformerConv(nn.Module):
@@ -71,13 +71,9 @@ class TransformerConv(nn.Module):
             if edge is not None:
                 out = out + scatter(weights.unsqueeze(-1) * edge, target, 0, x_dst.size(0), backend=self.backend)
 
-        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
+        out = merge_heads(out, self.concat)
         if self.root_weight:
-            if self.lin_beta is not None:
-                beta = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
-                out = beta * x_r + (1 - beta) * out
-            else:
-                out = out + x_r
+            out = root_skip(out, x_r, self.lin_beta)
         return (out, (edge_index, alpha)) if want_alpha else out
 
     def _project(self, x_src, x_dst):
