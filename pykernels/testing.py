@@ -77,6 +77,17 @@ def assert_low_precision_error(actual: torch.Tensor, expected: torch.Tensor, eag
     assert ours <= factor * theirs + atol, f"{msg}: error {ours:.3g} > {factor} x eager error {theirs:.3g} + {atol}"
 
 
+def compile_recording(model, graphs: list):
+    """``torch.compile(model, fullgraph=True)`` on the aot_eager backend, appending every FX graph dynamo hands it
+    to ``graphs``, so a test can check which ops the compiled model calls. Resets dynamo first."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
 _OLD_MULTICONTROLNET = "diffusers.pipelines.controlnet.multicontrolnet"
 
 

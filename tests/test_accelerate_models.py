@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
+from pykernels.testing import compile_recording
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
 
@@ -367,15 +368,6 @@ def test_threads_route_only_the_accelerated_model():
 
 # torch.compile --------------------------------------------------------------------------------------------------
 
-def _compile_recording(model, graphs):
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    return torch.compile(model, fullgraph=True, backend=backend)
-
-
 @pytest.mark.parametrize("make,families", [("vit", None), ("swin", None), ("swin", ("window",))])
 def test_compile_fullgraph(make, families):
     # One Swin stage: a block without and one with a shift.
@@ -383,7 +375,7 @@ def test_compile_fullgraph(make, families):
     reference = copy.deepcopy(model)
     report = pk.accelerate(model, families=families)
     graphs = []
-    compiled = _compile_recording(model, graphs)
+    compiled = compile_recording(model, graphs)
     x = torch.randn(1, 3, 32 if make == "vit" else 56, 32 if make == "vit" else 56, dtype=torch.double)
     _assert_same_run(compiled, reference, x, **TOL64)
     path = "sdpa" if make == "vit" else "swin"

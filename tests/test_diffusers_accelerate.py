@@ -11,6 +11,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed 
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 from pykernels.integrations.diffusers import RoutedAttnProcessor  # noqa: E402
+from pykernels.testing import compile_recording  # noqa: E402
 
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 
@@ -149,12 +150,7 @@ def test_compile_fullgraph_runs_the_fused_kernel(root):
     reference = copy.deepcopy(model)
     pk.accelerate(model)
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled = compile_recording(model, graphs)
     with torch.no_grad():
         got, expected = compiled(*args, **kwargs), reference(*args, **kwargs)
     got, expected = (out.sample if root == "unet" else out for out in (got, expected))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
-from pykernels.testing import random_graph
+from pykernels.testing import compile_recording, random_graph
 
 gnn = pytest.importorskip("torch_geometric.nn")
 pyg_utils = pytest.importorskip("torch_geometric.utils")
@@ -309,13 +309,7 @@ def test_compile_fullgraph(kind):
     reference = copy.deepcopy(model)
     report = pk.accelerate(model, families="graph")
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled = compile_recording(model, graphs)
     x, edge_index, _ = _inputs(torch.float64)
     torch.testing.assert_close(compiled(x, edge_index), reference(x, edge_index), **TOL[torch.float64])
     assert len(graphs) == 1

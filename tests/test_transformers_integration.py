@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pykernels as pk
+from pykernels.testing import compile_recording
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pkt = pytest.importorskip("pykernels.integrations.transformers")
@@ -257,13 +258,7 @@ def test_accelerated_llama_compiles_fullgraph():
     model.set_attn_implementation("sdpa")
     report = pk.accelerate(model)
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled = compile_recording(model, graphs)
     _assert_same_run(compiled, ref, input_ids=_ids(2, 8), attention_mask=_padding([8, 5], 8, left=True))
     assert len(graphs) == 1 and "pykernels.attention" in graphs[0].code
     assert "scaled_dot_product_attention" not in graphs[0].code
