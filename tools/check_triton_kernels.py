@@ -148,6 +148,9 @@ def recording():
 
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# (q/k, v) head dims the window and neighbourhood drivers take: every tile bucket up to 256, one not a power of
+# two, and one q/k head dim unlike v's.
+LOCAL_HEAD_DIMS = ((16, 16), (32, 32), (40, 40), (64, 64), (128, 128), (256, 256), (64, 128))
 
 
 def _t(*shape, dtype=torch.float32):
@@ -191,10 +194,9 @@ def drive_window():
     # table / dense / no bias, padded k/v or not; head dims as for dense attention up to 256.
     cases = [((8, 8), (2, 2), (0, 0)), ((14, 14), (7, 7), (3, 3)), ((12, 12), (12, 12), (6, 6)),
              ((16, 16), (8, 8), (4, 4)), ((16, 16), (16, 16), (0, 0)), ((6, 6), (5, 3), (2, 1))]
-    dims = [(16, 16), (32, 32), (40, 40), (64, 64), (128, 128), (256, 256), (64, 128)]
     for dtype in FLOATS:
         lse_dtype = W._lse_dtype(dtype)
-        for d, dv in dims:
+        for d, dv in LOCAL_HEAD_DIMS:
             for spatial, window, shift in cases:
                 n_tok = spatial[0] * spatial[1]
                 heads = 2
@@ -223,10 +225,9 @@ def drive_neighborhood():
     # the key pass's span grows), head dims 16 .. 256 and one q/k head dim unlike v's.
     cases = [((16, 16), (3, 3), (1, 1)), ((20, 20), (7, 7), (1, 1)), ((24, 24), (7, 7), (2, 2)),
              ((13, 13), (13, 13), (1, 1)), ((10, 12), (5, 9), (1, 1))]
-    dims = [(16, 16), (32, 32), (40, 40), (64, 64), (128, 128), (256, 256), (64, 128)]
     for dtype in FLOATS:
         lse_dtype = N._lse_dtype(dtype)
-        for d, dv in dims:
+        for d, dv in LOCAL_HEAD_DIMS:
             for spatial, kernel, dilation in cases:
                 n_tok = spatial[0] * spatial[1]
                 q, k, v = (_t(1, 2, n_tok, d, dtype=dtype), _t(1, 2, n_tok, d, dtype=dtype),
