@@ -128,10 +128,14 @@ class AccelerateReport:
         """``{reason: calls}`` of the calls on ``path`` that ran the original code."""
         return {why: n for (p, why), n in self.calls.items() if p == path and why != "served"}
 
+    @property
+    def changed(self) -> int:
+        """How many modules were changed, over every route."""
+        return (len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed)
+                + len(self.processors) + len(self.graph))
+
     def __str__(self) -> str:
-        changed = (len(self.swapped) + len(self.routed) + len(self.switched) + len(self.windowed)
-                   + len(self.processors) + len(self.graph))
-        lines = [f"pykernels.accelerate: {changed} changed, {len(self.skipped)} skipped"]
+        lines = [f"pykernels.accelerate: {self.changed} changed, {len(self.skipped)} skipped"]
         lines += [f"  swapped  {name or '<root>'}" for name in self.swapped]
         lines += [f"  routed   {name or '<root>'}: F.scaled_dot_product_attention" for name in self.routed]
         lines += [f"  switched {name or '<root>'}: transformers attn_implementation='pykernels'"

@@ -232,9 +232,7 @@ def _check(spec: ModelSpec, device: torch.device, quick: bool):
 
 
 def _served_note(report, calls) -> str:
-    changed = (len(report.swapped) + len(report.switched) + len(report.windowed) + len(report.processors)
-               + len(report.graph))
-    parts = [f"{changed + len(report.routed)} modules changed"]
+    parts = [f"{report.changed} modules changed"]
     for (path, outcome), n in sorted(calls.items()):
         parts.append(f"{path} {outcome} ×{n}")
     return "; ".join(parts)
