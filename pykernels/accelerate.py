@@ -58,6 +58,15 @@ _SWIN_V2_REASON = ("SwinV2 block: its cosine attention (normalised q, k and a le
                    "position bias are not the dot-product scores pykernels.window_attention computes")
 
 
+# Below this many q·kᵀ multiply-adds (batch x heads x queries x keys x head dim) a call costs torch's CPU SDPA less
+# than the fused kernel, whose fixed cost per call (argument checks, packing, the custom op's dispatch) is a few
+# microseconds more: measured on a 2-thread AMD EPYC, fp32, forward and forward+backward, with the crossover between
+# 0.5M and 2.5M over head dims 32 and 64 and 16 to 197 tokens, and pykernels ahead on every shape above 4M.
+# ``backend="auto"`` hands such calls back to torch; a pinned ``backend="cpu"`` serves them.
+_CPU_MIN_WORK = 1 << 22
+_CPU_SMALL_REASON = "small call on the CPU (torch's SDPA is faster below 4M multiply-adds)"
+
+
 class _Tally:
     """The live per-(path, outcome) call counts of one :func:`accelerate` call, shared by the hooks it installs.
 
@@ -181,10 +190,14 @@ def _unserved_reason(q, k, v, mask, dropout_p, is_causal, enable_gqa, backend) -
     # Under autocast SDPA computes in the autocast dtype; the fused op is not on autocast's lists.
     if torch.is_autocast_enabled(q.device.type):
         return "autocast"
-    if backend == "auto" and _backend.select("pykernels.fused_attention", backend, q.device) == "reference":
+    # Only auto picks an engine here; a pinned backend serves every call it can compute.
+    engine = _backend.select("pykernels.fused_attention", backend, q.device) if backend == "auto" else None
+    if engine == "reference":
         return "no pykernels engine for the device"
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return "empty tensors"
+    if engine == "cpu" and q.numel() * k.size(-2) < _CPU_MIN_WORK:
+        return _CPU_SMALL_REASON
     heads = (q.size(1), k.size(1)) if q.dim() == 4 else (1, 1)
     if (k.size(0) != q.size(0) or v.shape[:-1] != k.shape[:-1] or k.size(-1) != q.size(-1)
             or (q.dim() == 4 and heads[1] == 0)):

@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -36,3 +37,11 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def fuzz_long(request) -> bool:
     return request.config.getoption("--fuzz-long")
+
+
+@pytest.fixture
+def serve_small_calls(monkeypatch):
+    """Lets ``accelerate``'s auto backend serve the tiny SDPA calls of test-sized models, which it otherwise hands
+    back to torch as faster on the CPU; the tests that use it check what is served, not that size rule."""
+    # The module, not the function pykernels re-exports under the same name.
+    monkeypatch.setattr(importlib.import_module("pykernels.accelerate"), "_CPU_MIN_WORK", 0)

@@ -1,6 +1,7 @@
 """pk.accelerate on the models people run: timm ViT (SDPA callers), timm Swin (window attention), user modules
 calling F.scaled_dot_product_attention with every argument form, against the same model unaccelerated."""
 import copy
+import importlib
 import pickle
 import threading
 
@@ -13,6 +14,8 @@ import pykernels as pk
 from pykernels.testing import compile_recording
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+
+pytestmark = pytest.mark.usefixtures("serve_small_calls")
 
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 SWIN_BLOCKS = ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
@@ -199,6 +202,31 @@ def test_sdpa_grouped_query_attention_served():
     reference = copy.deepcopy(model)
     report = pk.accelerate(model)
     _assert_same_run(model, reference, torch.randn(2, 5, 8, dtype=torch.float64), **TOL64)
+    assert dict(report.calls) == {("sdpa", "served"): 1}
+
+
+# The CPU size rule: measured in benchmarks, checked here only for where it cuts and what each side runs.
+ACCELERATE = importlib.import_module("pykernels.accelerate")  # the module, not the function of the same name
+CPU_MIN_WORK = ACCELERATE._CPU_MIN_WORK
+
+
+@pytest.mark.parametrize("tokens, outcome", [(255, "small call on the CPU (torch's SDPA is faster below 4M "
+                                                    "multiply-adds)"), (256, "served")])
+def test_auto_hands_small_cpu_calls_back_to_torch(monkeypatch, tokens, outcome):
+    monkeypatch.setattr(ACCELERATE, "_CPU_MIN_WORK", CPU_MIN_WORK)
+    assert 2 * 4 * 256 * 256 * 8 == CPU_MIN_WORK  # batch x heads x queries x keys x head dim at the cut
+    model = _SDPACaller(SERVED["plain"])
+    reference = copy.deepcopy(model)
+    report = pk.accelerate(model)
+    _assert_same_run(model, reference, torch.randn(2, tokens, 8, dtype=torch.float64), **TOL64)
+    assert dict(report.calls) == {("sdpa", outcome): 1}
+
+
+def test_pinned_cpu_backend_serves_small_calls(monkeypatch):
+    monkeypatch.setattr(ACCELERATE, "_CPU_MIN_WORK", CPU_MIN_WORK)
+    model = _SDPACaller(SERVED["plain"])
+    report = pk.accelerate(model, backend="cpu")
+    model(torch.randn(2, 5, 8, dtype=torch.float64))
     assert dict(report.calls) == {("sdpa", "served"): 1}
 
 

@@ -8,6 +8,8 @@ import torch
 from pykernels.bench import models as models_bench
 from pykernels.bench.runner import markdown_table, run_family
 
+pytestmark = pytest.mark.usefixtures("serve_small_calls")
+
 CPU = torch.device("cpu")
 
 

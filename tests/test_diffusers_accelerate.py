@@ -13,6 +13,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from pykernels.integrations.diffusers import RoutedAttnProcessor  # noqa: E402
 from pykernels.testing import compile_recording  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("serve_small_calls")
+
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 
 

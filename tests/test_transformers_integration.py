@@ -13,6 +13,8 @@ from pykernels.testing import compile_recording
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pkt = pytest.importorskip("pykernels.integrations.transformers")
 
+pytestmark = pytest.mark.usefixtures("serve_small_calls")
+
 TOL64 = dict(atol=1e-10, rtol=1e-10)
 SERVED = ("transformers", "served")
 WEIGHTS = ("transformers", "output_attentions (per-head weights): eager")
