@@ -71,3 +71,14 @@ def test_peak_memory_measurement_prints_nothing():
             "print(peak_memory_mb(lambda: torch.ones(1 << 20), torch.device('cpu')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stderr == "" and float(proc.stdout) >= 4.0
+
+
+def test_interleaved_timing_alternates_and_reverses_the_order_each_round():
+    from pykernels.bench.timing import time_interleaved
+
+    calls = []
+    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 0.0)
+    assert calls[:2] == ["a", "b"]  # one warm-up call each
+    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]
+    assert len(rounds) == 7 and rounds[:3] == [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert len(timings) == 2 and all(t.p20_ms <= t.median_ms <= t.p80_ms for t in timings)

@@ -245,5 +245,6 @@ def cases(device: torch.device, quick: bool, spec_list: list[ModelSpec] | None =
             continue
         providers = {"pykernels (accelerate)": _runner(spec, device, quick, 0),
                      "stock": _runner(spec, device, quick, 1)}
-        out.append(Case(FAMILY, f"{spec.label(quick)}", spec.mode, providers, check=_check(spec, device, quick)))
+        out.append(Case(FAMILY, f"{spec.label(quick)}", spec.mode, providers, check=_check(spec, device, quick),
+                        interleave=True))
     return out

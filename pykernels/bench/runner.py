@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .._info import info
-from .timing import peak_memory_mb, time_fn
+from .timing import peak_memory_mb, time_fn, time_interleaved
 
 FAMILIES = ("models", "graph", "attention", "flow", "window")
 
@@ -64,11 +64,12 @@ class _Progress:
             self._bar = None
         self._total, self._done, self._desc = total, 0, desc
 
-    def step(self, label: str) -> None:
-        self._done += 1
+    def step(self, label: str, count: int = 1) -> None:
+        """Announces the next measurement, which covers ``count`` providers."""
+        self._done += count
         if self._bar is not None:
             self._bar.set_postfix_str(label[:60])
-            self._bar.update(1)
+            self._bar.update(count)
         else:
             print(f"[{self._desc} {self._done}/{self._total}] {label}", file=sys.stderr, flush=True)
 
@@ -91,6 +92,20 @@ def _measure(fn, device, min_run_time):
             torch.cuda.empty_cache()
 
 
+def _measure_interleaved(providers: dict, device, min_run_time) -> dict:
+    try:
+        timings = time_interleaved(list(providers.values()), device, min_run_time)
+        return {name: (timing, peak_memory_mb(fn, device), None)
+                for (name, fn), timing in zip(providers.items(), timings)}
+    except (RuntimeError, MemoryError) as exc:  # as in _measure; the pair is one measurement
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {name: (None, None, first_line[:120]) for name in providers}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def run_family(name: str, device: torch.device, quick: bool, min_run_time: float,
                match: list[str] | None = None) -> list[dict]:
     family = _load_family(name)
@@ -99,10 +114,14 @@ def run_family(name: str, device: torch.device, quick: bool, min_run_time: float
     rows = []
     for case in cases:
         checked = case.check() if case.check is not None else None
-        results = {}
-        for provider, fn in case.providers.items():
-            progress.step(f"{case.name} [{case.mode}] {provider}")
-            results[provider] = _measure(fn, device, min_run_time)
+        if case.interleave:
+            progress.step(f"{case.name} [{case.mode}] {' vs '.join(case.providers)}", len(case.providers))
+            results = _measure_interleaved(case.providers, device, min_run_time)
+        else:
+            results = {}
+            for provider, fn in case.providers.items():
+                progress.step(f"{case.name} [{case.mode}] {provider}")
+                results[provider] = _measure(fn, device, min_run_time)
         ours_name = next(iter(case.providers))
         ours = results[ours_name][0]
         for provider, (timing, peak, error) in results.items():

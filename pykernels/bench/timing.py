@@ -78,6 +78,36 @@ def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
     return _summary(times)
 
 
+def time_interleaved(fns: list, device: torch.device, min_run_time: float) -> list[Timing]:
+    """Timings of slow calls (whole models) taken in alternation, one call of each per round, with the order
+    reversed every other round: on a shared or throttling machine the load drifts over seconds, and timing
+    one provider after the other puts that drift into their ratio. 7 to 25 rounds, about ``2 * min_run_time``
+    in all, after one warm-up call each."""
+    firsts = []
+    for fn in fns:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        firsts.append(time.perf_counter() - start)
+    rounds = min(25, max(7, int(2 * min_run_time / max(sum(firsts), 1e-9))))
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            _sync(device)
+            start = time.perf_counter()
+            fns[i]()
+            _sync(device)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [_summary(t) for t in times]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     """kineto writes a line straight to file descriptor 2 at every profiler start and stop (and, with a CUDA
