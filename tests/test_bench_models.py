@@ -67,3 +67,28 @@ def test_the_table_shows_the_difference_and_what_was_served(monkeypatch):
     assert [r["provider"] for r in rows] == ["pykernels (accelerate)", "stock"]
     table = markdown_table(rows)
     assert "| max abs diff | served |" in table and "sdpa served ×2" in table
+
+
+def test_a_decoding_step_repeats_the_same_step_and_hands_its_small_calls_to_torch(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    accelerate_module = importlib.import_module("pykernels.accelerate")
+    monkeypatch.setattr(accelerate_module, "_CPU_MIN_WORK", 1 << 22)  # the real rule, not the fixture's
+
+    def tiny_llama(device, quick):
+        config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+        return model, lambda: ((), {"input_ids": ids, "use_cache": False})
+
+    spec = models_bench.ModelSpec("tiny decode", "transformers", "fwd", models_bench._decoding(tiny_llama),
+                                  output=lambda out: out.logits)
+    (case,) = models_bench.cases(CPU, quick=True, spec_list=[spec])
+    first = case.check()
+    steps = [fn().logits for fn in case.providers.values()]
+    assert case.check() == first and first[0] < 1e-5
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
+    assert "small call on the CPU" in first[1] and " served" not in first[1]
+    _, _, inputs, _, _ = models_bench._pair(spec, CPU, True)
+    assert inputs()[1]["cache"].get_seq_length() == 9

@@ -87,6 +87,27 @@ def _llama(device, quick):
     return model, lambda: ((), {"input_ids": ids, "use_cache": False})
 
 
+def _decoding(prefill_build):
+    """A decoder's step of one generated token after the prompt that ``prefill_build`` gives, reading the
+    prompt's cache: single-query attention calls, which ``accelerate`` hands back to torch under its CPU size rule."""
+    def build(device, quick):
+        model, prefill = prefill_build(device, quick)
+        args, kwargs = prefill()
+        with torch.no_grad():
+            cache = model(*args, **{**kwargs, "use_cache": True}).past_key_values
+        prompt = cache.get_seq_length()
+        token = kwargs["input_ids"][:, -1:]
+
+        def inputs():
+            # Each step appends to the cache; dropping that token again makes every call decode the same step.
+            grown = cache.get_seq_length() - prompt
+            if grown:
+                cache.crop(-grown)
+            return (), {"input_ids": token, "cache": cache, "use_cache": True}
+        return model, inputs
+    return build
+
+
 # Stable Diffusion 1.5's UNet config; --quick halves the channels (so each head is half as wide), the token
 # counts and head counts stay SD 1.5's.
 _SD15_CHANNELS = (320, 640, 1280, 1280)
@@ -166,6 +187,9 @@ SPECS = [
               quick_label="4 of 12 layers, batch 2, 512 tokens, padding", full_label="batch 4, 512 tokens, padding"),
     ModelSpec("transformers Llama-style decoder, GQA 16/4 heads", "transformers", "fwd", _llama, output=lambda out: out.logits,
               quick_label="2 layers, prefill 512 tokens", full_label="8 layers, hidden 1024, prefill 1024 tokens"),
+    ModelSpec("transformers Llama-style decoder, GQA 16/4 heads", "transformers", "fwd", _decoding(_llama),
+              output=lambda out: out.logits, quick_label="2 layers, decode 1 token after 512",
+              full_label="8 layers, hidden 1024, decode 1 token after 1024"),
     ModelSpec("diffusers UNet, SD 1.5 attention shapes", "diffusers", "fwd", _unet(64), output=lambda out: out.sample,
               quick_label="512², batch 2, half channels", full_label="512², batch 2"),
     ModelSpec("diffusers UNet + HiDiffusion MSW-MSA", "hidiffusion", "fwd", _unet(128), output=lambda out: out.sample,
@@ -217,14 +241,15 @@ def _check(spec: ModelSpec, device: torch.device, quick: bool):
     """Largest output difference (before any timed training step changes the weights) and what was served."""
     def check():
         stock, accelerated, inputs, report, _ = _pair(spec, device, quick)
-        args, kwargs = inputs()
         before = report.calls.copy()
+        outputs = []
         with torch.no_grad():
-            # The same global RNG state for both: HiDiffusion's MSW-MSA draws its shifts from it.
-            torch.manual_seed(0)
-            ours = spec.output(accelerated(*args, **kwargs))
-            torch.manual_seed(0)
-            theirs = spec.output(stock(*args, **kwargs))
+            for model in (accelerated, stock):
+                args, kwargs = inputs()  # each call's own: a decoding step's cache changes as it runs
+                # The same global RNG state for both: HiDiffusion's MSW-MSA draws its shifts from it.
+                torch.manual_seed(0)
+                outputs.append(spec.output(model(*args, **kwargs)))
+        ours, theirs = outputs
         served = {(path, outcome): n - before[(path, outcome)] for (path, outcome), n in report.calls.items()
                   if n > before[(path, outcome)]}
         return (ours - theirs).abs().max().item(), _served_note(report, served)
