@@ -294,6 +294,22 @@ def test_bad_input_is_a_clear_error():
         pk.fused_attention(q, k, v.long())
 
 
+@pytest.mark.parametrize("dqk, dv", [(264, 8), (8, 264)])
+@pytest.mark.parametrize("family", ["attention", "window", "neighborhood"])
+def test_triton_refuses_head_dims_its_tiles_cannot_hold(family, dqk, dv):
+    # Wider heads need more shared memory than a GPU has (tools/check_triton_kernels.py measured it); the
+    # interpreter would run them, so the refusal must not depend on where it runs.
+    if "triton" not in engines_for("cpu"):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    q, k, v = torch.randn(1, 1, 9, dqk), torch.randn(1, 1, 9, dqk), torch.randn(1, 1, 9, dv)
+    calls = {"attention": lambda: pk.fused_attention(q, k, v, backend="triton"),
+             "window": lambda: pk.window_attention(q, k, v, (3, 3), 3, backend="triton"),
+             "neighborhood": lambda: pk.neighborhood_attention_2d(q, k, v, (3, 3), 3, backend="triton")}
+    with pytest.raises(ValueError, match=rf"the triton engine supports head dims up to 256, got D = {dqk} and "
+                                         rf"Dv = {dv}"):
+        calls[family]()
+
+
 @pytest.mark.parametrize("device,engine", ENGINES)
 def test_compile_with_strided_inputs(device, engine):
     # Gradients must come back in the layout the fake kernels promise, or compiled backward views break.

@@ -161,13 +161,19 @@ def _t(*shape, dtype=torch.float32):
 def drive_attention():
     from pykernels.triton import attention as A
     # Padded head-dim classes 16..256 (the tile table's rows), with a head dim that is not a multiple of 16
-    # (40, stable diffusion's) next to the ones that are, and one q/k head dim unlike v's. Wider heads reuse
-    # the 256 row's tiles and do not fit: at 512, fp16 dq/dk/dv need 200-266 KB of shared memory and fp64
-    # 229-264 KB (over sm_80's 163 KiB and sm_90's 227 KiB), and fp32 dq spills 14-19 KB. They are not
-    # driven until the engine refuses or splits them: this gate would fail on them. Query/key counts: ragged and large (full tiles), 9 and 20 (tiles clamped
-    # to 16 and 32), a single query against many keys (decoding), and the reverse.
+    # (40, stable diffusion's) next to the ones that are, and one q/k head dim unlike v's. Wider heads are
+    # refused by the host code (A.MAX_HEAD_DIM, checked below): the 256 row's tiles would not fit them. Query/key
+    # counts: ragged and large (full tiles), 9 and 20 (tiles clamped to 16 and 32), a single query against many
+    # keys (decoding), and the reverse.
     dims = [(16, 16), (32, 32), (40, 40), (64, 64), (80, 80), (128, 128), (256, 256), (64, 128)]
     tokens = [(197, 197), (9, 9), (20, 20), (1, 197), (197, 9)]
+    wide = A.MAX_HEAD_DIM + 8
+    try:
+        A.attention(_t(1, 1, 9, wide), _t(1, 1, 9, wide), _t(1, 1, 9, wide), None, False, 0.125)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(f"the triton attention host code launched head dim {wide}, wider than its tiles hold")
     for dtype in FLOATS:
         lse_dtype = A._lse_dtype(dtype)
         for d, dv in dims:

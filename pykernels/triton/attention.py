@@ -27,6 +27,17 @@ from .graph import _acc, _pow2, _split_scale
 
 # tl.dot needs every tile side >= 16 on GPUs.
 _MIN_BLOCK = 16
+# Widest head the tiles below are sized for. Wider heads would reuse the 256 row's tiles, which do not fit: at 512,
+# fp16 dq/dk/dv need 200-266 KB of shared memory and fp64 229-264 KB (over sm_80's 163 KiB and sm_90's 227 KiB),
+# and smaller tiles or one pipeline stage still spill 5-14 KB. The CUDA engine has the same limit.
+MAX_HEAD_DIM = 256
+
+
+def check_head_dims(op: str, dqk: int, dv: int) -> None:
+    """Refuses head dims the kernels cannot launch with on a GPU (also under the interpreter, so the two agree)."""
+    if dqk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: the triton engine supports head dims up to {MAX_HEAD_DIM}, got D = {dqk} and "
+                         f"Dv = {dv}; split the heads or use backend='reference'")
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by element size and padded head width. Picked from ptxas's
 # register, spill and shared-memory report for sm_90 (compiled offline, never timed): the largest tiles
 # without heavy spills that also fit an A100's 163 KB of shared memory. The dk/dv kernel, which keeps
@@ -372,6 +383,7 @@ def _check(op, q, k, v=None, bias=None, lse=None):
         raise ValueError(f"{name}: bias must be [B, H, Nq, Nk] = {[b, h, nq, nk]}, got {list(bias.shape)}")
     if lse is not None and lse.shape != (b, h, nq):
         raise ValueError(f"{name}: lse must be [B, H, Nq] = {[b, h, nq]}, got {list(lse.shape)}")
+    check_head_dims(name, dqk, v.shape[3] if v is not None else dqk)
 
 
 def _meta(q, dv, nq, nk):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _cast, _lse_dtype, _probs, _row_dot_kernel
+from .attention import _cast, _lse_dtype, _probs, _row_dot_kernel, check_head_dims
 from .graph import _acc, _pow2, _split_scale
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -291,6 +291,7 @@ def _check(op, q, k, v, spatial_shape, kernel_size, dilation, rpb):
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{op}: k must be q's shape {list(q.shape)} and v [B, heads, H*W, Dv], got "
                          f"{list(k.shape)} and {list(v.shape)}")
+    check_head_dims(op, q.size(3), v.size(3))
     axes = []
     for name, values in (("spatial_shape", spatial_shape), ("kernel_size", kernel_size), ("dilation", dilation)):
         if len(values) != 2:

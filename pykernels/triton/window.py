@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _MIN_BLOCK, _cast, _dot, _lse_dtype, _meta, _probs, _row_dot_kernel
+from .attention import _MIN_BLOCK, _cast, _dot, _lse_dtype, _meta, _probs, _row_dot_kernel, check_head_dims
 from .graph import _pow2, _split_scale
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -364,6 +364,7 @@ def _check(op, q, k, v, spatial_shape, window, shift, bias_table, dense_bias, pa
                          f"{list(k.shape)} and {list(v.shape)}")
     if q.size(3) < 1:
         raise ValueError(f"{op}: the head dim must be positive")
+    check_head_dims(op, q.size(3), v.size(3))
     (height, width), (wh, ww), (sh, sw) = (_pair(op, "spatial_shape", spatial_shape, 1),
                                            _pair(op, "window", window, 1), _pair(op, "shift", shift, 0))
     if height * width != q.size(2):
