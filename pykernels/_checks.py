@@ -7,6 +7,9 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Widest head (q/k and v) the CUDA and Triton attention engines launch with: their tiles for wider heads need more
+# shared memory than sm_80/sm_90 offer. csrc/attention/attention_cuda.h kMaxHeadDim is the C++ twin.
+GPU_MAX_HEAD_DIM = 256
 
 
 def check_qkv_tensors(op: str, q, k, v, tokens: str) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _backend
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, GPU_MAX_HEAD_DIM
 from .attention import fused_attention
 from .nn.attention import MultiheadAttention
 from .nn.window import swin_window_attention
@@ -198,6 +198,8 @@ def _unserved_reason(q, k, v, mask, dropout_p, is_causal, enable_gqa, backend) -
         return "empty tensors"
     if engine == "cpu" and q.numel() * k.size(-2) < _CPU_MIN_WORK:
         return _CPU_SMALL_REASON
+    if (engine or backend) in ("cuda", "triton") and max(q.size(-1), v.size(-1)) > GPU_MAX_HEAD_DIM:
+        return f"head dim above {GPU_MAX_HEAD_DIM} (the CUDA and Triton engines' limit)"
     heads = (q.size(1), k.size(1)) if q.dim() == 4 else (1, 1)
     if (k.size(0) != q.size(0) or v.shape[:-1] != k.shape[:-1] or k.size(-1) != q.size(-1)
             or (q.dim() == 4 and heads[1] == 0)):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
-from pykernels.testing import compile_recording
+from pykernels.testing import compile_recording, engines_for
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
 
@@ -228,6 +228,21 @@ def test_pinned_cpu_backend_serves_small_calls(monkeypatch):
     report = pk.accelerate(model, backend="cpu")
     model(torch.randn(2, 5, 8, dtype=torch.float64))
     assert dict(report.calls) == {("sdpa", "served"): 1}
+
+
+def test_heads_wider_than_the_gpu_engines_take_run_torch():
+    if "triton" not in engines_for("cpu"):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+
+    class Wide(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    model = Wide()
+    report = pk.accelerate(model, backend="triton")
+    q = torch.randn(1, 1, 3, 264)
+    torch.testing.assert_close(model(q), F.scaled_dot_product_attention(q, q, q))
+    assert dict(report.calls) == {("sdpa", "head dim above 256 (the CUDA and Triton engines' limit)"): 1}
 
 
 def test_sdpa_float_mask_gradient_matches():

@@ -23,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import GPU_MAX_HEAD_DIM
 from .graph import _acc, _pow2, _split_scale
 
 # tl.dot needs every tile side >= 16 on GPUs.
 _MIN_BLOCK = 16
-# Widest head the tiles below are sized for. Wider heads would reuse the 256 row's tiles, which do not fit: at 512,
-# fp16 dq/dk/dv need 200-266 KB of shared memory and fp64 229-264 KB (over sm_80's 163 KiB and sm_90's 227 KiB),
-# and smaller tiles or one pipeline stage still spill 5-14 KB. The CUDA engine has the same limit.
-MAX_HEAD_DIM = 256
+# Wider heads would reuse the 256 row's tiles, which do not fit: at 512, fp16 dq/dk/dv need 200-266 KB of shared
+# memory and fp64 229-264 KB (over sm_80's 163 KiB and sm_90's 227 KiB), and smaller tiles or one pipeline stage
+# still spill 5-14 KB.
+MAX_HEAD_DIM = GPU_MAX_HEAD_DIM
 
 
 def check_head_dims(op: str, dqk: int, dv: int) -> None:
