@@ -81,8 +81,8 @@ def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
 def time_interleaved(fns: list, device: torch.device, min_run_time: float) -> list[Timing]:
     """Timings of slow calls (whole models) taken in alternation, one call of each per round, with the order
     reversed every other round: on a shared or throttling machine the load drifts over seconds, and timing
-    one provider after the other puts that drift into their ratio. 7 to 25 rounds, about ``2 * min_run_time``
-    in all, after one warm-up call each."""
+    one provider after the other puts that drift into their ratio. 5 to 25 rounds (3 when one round takes over
+    20 s: a UNet at 1024² on a laptop CPU), about ``2 * min_run_time`` in all, after one warm-up call each."""
     firsts = []
     for fn in fns:
         _sync(device)
@@ -90,7 +90,8 @@ def time_interleaved(fns: list, device: torch.device, min_run_time: float) -> li
         fn()
         _sync(device)
         firsts.append(time.perf_counter() - start)
-    rounds = min(25, max(7, int(2 * min_run_time / max(sum(firsts), 1e-9))))
+    round_s = max(sum(firsts), 1e-9)
+    rounds = min(25, max(5 if round_s < 20 else 3, int(2 * min_run_time / round_s)))
     times = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
