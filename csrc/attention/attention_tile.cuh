@@ -296,17 +296,20 @@ PK_HOST_DEVICE index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; 
 PK_HOST_DEVICE int round16(index_t n) { return static_cast<int>((n + 15) / 16 * 16); }
 
 // Launches kernel<<<blocks, threads, smem>>>(args), first opting in to more than 48 KB of dynamic shared
-// memory. A plan larger than the device allows per block is reported as cudaErrorLaunchOutOfResources.
+// memory. A plan that, with the kernel's static __shared__ arrays (the window kernels' token slots), is larger
+// than the device allows per block is reported as cudaErrorLaunchOutOfResources.
 template <typename Args>
 cudaError_t launch(void (*kernel)(Args), index_t blocks, int threads, size_t smem, cudaStream_t stream,
                    const Args& args) {
   if (blocks == 0) return cudaSuccess;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   int device = 0, limit = 0;
+  cudaFuncAttributes attributes{};
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
   if (err != cudaSuccess) return err;
-  if (smem > static_cast<size_t>(limit)) return cudaErrorLaunchOutOfResources;
+  if (attributes.sharedSizeBytes + smem > static_cast<size_t>(limit)) return cudaErrorLaunchOutOfResources;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   PK_LAUNCH(static_cast<unsigned>(blocks), threads, smem, stream, kernel)(args);

@@ -55,7 +55,8 @@
 // above 48 KiB without a cudaFuncSetAttribute opt-in or above the arch's limit (PK_EMU_ARCH=80: 163 KiB,
 // 90 (default): 227 KiB). A failed launch or a finding sets the error cudaGetLastError returns, and
 // cudaGetErrorString gives the full report, so a launcher's usual launch check raises with the kernel's name.
-// Static shared memory is not counted against the limit (its size per kernel is unknown here).
+// Static shared memory is not counted against the limit (its size per kernel is unknown here; cudaFuncGetAttributes
+// reports 0 bytes of it).
 #pragma once
 #include <math.h>
 
@@ -63,6 +64,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -148,6 +150,18 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return pk::emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+};
+
+// A kernel's static __shared__ arrays are function statics here, sized only once it runs: the twin reports none,
+// so launchers' shared-memory checks count the dynamic plan alone when emulated.
+template <typename F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
+  *attr = cudaFuncAttributes{0};
+  return cudaSuccess;
 }
 
 // ---------------------------------------------------------------------------------------------- emulator core
@@ -236,6 +250,8 @@ void unregister_device_buffer(const void* ptr);
 // The emulated architecture (80 or 90); PK_EMU_ARCH sets the initial value.
 void set_arch(int sm);
 int arch();
+// Launches so far per kernel, by mangled name (the names cuobjdump lists for the real build's kernels).
+std::map<std::string, uint64_t> launch_counts();
 
 struct Finding {
   std::string kind;  // "race", "out-of-bounds", "barrier", "warp-mask", "uninitialised", "deadlock", "timeout",
