@@ -1,5 +1,9 @@
+import collections
 import importlib
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda_emulated)
         elif "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With PYKERNELS_EMU_LAUNCHES=path, writes how often the emulated runs launched each CUDA kernel (by mangled
+    name) there, merged with what the file already holds: tools/check_cuda_kernels.py --launch-coverage compares
+    it with the kernels the real build compiles."""
+    path = os.environ.get("PYKERNELS_EMU_LAUNCHES")
+    emulated = sys.modules.get("pykernels._cuda_emulated")
+    if not path or emulated is None:
+        return
+    counts = collections.Counter(json.loads(Path(path).read_text()) if Path(path).is_file() else {})
+    counts.update(emulated.launch_counts())
+    Path(path).write_text(json.dumps(dict(sorted(counts.items())), indent=1))
 
 
 def pytest_addoption(parser):

@@ -97,3 +97,23 @@ def test_emulated_driver(driver, build_dir):
     if driver == "detectors":
         missing = sorted(set(REQUIRED_DETECTOR_CASES) - set(results))
         assert not missing, f"detector cases missing: {missing}"
+
+
+def test_launch_counts_record_the_kernels_an_emulated_op_launches():
+    # The record behind tools/check_cuda_kernels.py --launch-coverage (PYKERNELS_EMU_LAUNCHES, tests/conftest.py).
+    import torch
+
+    import pykernels as pk
+    from pykernels._backend import cuda_emulated
+
+    if not cuda_emulated():
+        pytest.skip("needs the PYKERNELS_CUDA_EMULATE=1 build")
+    from pykernels import _cuda_emulated
+
+    before = _cuda_emulated.launch_counts()
+    edge_index = torch.tensor([[0, 1, 2, 2], [1, 2, 0, 1]])
+    pk.spmm(edge_index, torch.randn(3, 5), backend="cuda")
+    after = _cuda_emulated.launch_counts()
+    grown = {name for name, count in after.items() if count > before.get(name, 0)}
+    assert grown and all(name.startswith("_Z") for name in grown)  # mangled, as cuobjdump lists them
+    assert any("spmm" in name for name in grown), grown

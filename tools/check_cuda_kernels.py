@@ -20,6 +20,7 @@ spill bytes are in ptxas's ``-v`` report only. Exits non-zero above the arch's s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -86,22 +87,32 @@ def short_names(mangled: list[str]) -> dict[str, str]:
     return dict(zip(mangled, clean))
 
 
-def report_resources(binary: Path | None) -> int:
+def built_kernels(binary: Path | None) -> tuple[Path, list[tuple[str, str, dict[str, int]]]] | None:
+    """The extension (the installed pykernels._C by default) and resource_usage() of its kernels, or None after
+    saying why there are none."""
     if binary is None:
         try:
             import pykernels._C as ext
         except ImportError as exc:
             print(f"check_cuda_kernels: pykernels._C not importable ({exc}); pass the extension's path")
-            return 1
+            return None
         binary = Path(ext.__file__)
     cuobjdump = find_cuobjdump()
     if cuobjdump is None:
         print("check_cuda_kernels: cuobjdump not found (PATH, next to nvcc, or triton's bundled one)")
-        return 1
+        return None
     rows = resource_usage(cuobjdump, binary)
     if not rows:
         print(f"check_cuda_kernels: {binary} holds no CUDA kernels (a CPU-only build?)")
+        return None
+    return binary, rows
+
+
+def report_resources(binary: Path | None) -> int:
+    built = built_kernels(binary)
+    if built is None:
         return 1
+    binary, rows = built
     names = short_names(sorted({m for _, m, _ in rows}))
     print(f"check_cuda_kernels: resource usage of {len(rows)} kernels in {binary}\n")
     print(f"{'arch':<5} {'regs':>4} {'stack B':>7} {'local B':>7} {'smem B':>7}  kernel")
@@ -151,13 +162,57 @@ def check_launcher(source: Path) -> tuple[Path, bool, float, str]:
     return source, proc.returncode == 0, time.perf_counter() - start, (proc.stdout + proc.stderr).strip()
 
 
+def report_launch_coverage(record: Path, binary: Path | None, require_all: bool) -> int:
+    """Which of the real build's kernels the emulated test runs launched (record: the JSON the test suite writes
+    with PYKERNELS_EMU_LAUNCHES set), per kernel family. A kernel never launched is a tile path or dispatch
+    branch no emulated test checks: with require_all that fails. A launched name the real build lacks always
+    fails: the two builds would then name kernels differently and the comparison would mean nothing."""
+    built = built_kernels(binary)
+    if built is None:
+        return 1
+    _, rows = built
+    names = short_names(sorted({mangled for _, mangled, _ in rows}))
+    # cub's own kernels run as host twins with the same contract in the emulator (csrc/emulation/cub_twins.h).
+    compiled = sorted(m for m in names if not names[m].startswith("void cub::"))
+    launched = json.loads(record.read_text())
+    names.update(short_names(sorted(set(launched) - set(names))))
+    families: dict[str, list[int]] = {}
+    for mangled in compiled:
+        head = names[mangled].removeprefix("void ").split("(")[0].split("<")[0]
+        family = head.rsplit("::", 1)[0] if "::" in head else "(no namespace)"
+        counts = families.setdefault(family, [0, 0])
+        counts[0] += mangled in launched
+        counts[1] += 1
+    print(f"check_cuda_kernels: emulated launches of the {len(compiled)} kernels the CUDA build compiles, cub's "
+          f"left out (record {record})\n")
+    for family, (ran, total) in sorted(families.items()):
+        print(f"  {family:<16} {ran:>4} of {total:>4} launched")
+    never = [names[m] for m in compiled if m not in launched]
+    unknown = [names[m] for m in launched if m not in set(compiled)]
+    for title, items in (("never launched (no emulated test reaches them)", never),
+                         ("launched but not in the CUDA build (names differ between the two builds?)", unknown)):
+        if items:
+            print(f"\n{title}:")
+            print("\n".join(f"  {name}" for name in sorted(items)))
+    print(f"\nsummary: {len(compiled) - len(never)} of {len(compiled)} kernels launched")
+    return 1 if unknown or (never and require_all) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="files compiled in parallel (default 1)")
     parser.add_argument("--allow-missing", action="store_true", help="exit 0 when nvcc is not installed")
     parser.add_argument("--resource-usage", nargs="?", type=Path, const=True, metavar="EXTENSION",
                         help="print the built extension's per-kernel registers, stack and shared memory instead")
+    parser.add_argument("--launch-coverage", type=Path, metavar="RECORD",
+                        help="compare the emulated tests' launch record (PYKERNELS_EMU_LAUNCHES) with the kernels "
+                             "of the extension given by --resource-usage, or the installed one")
+    parser.add_argument("--require-all", action="store_true",
+                        help="with --launch-coverage: fail when a kernel was never launched")
     args = parser.parse_args(argv)
+    if args.launch_coverage is not None:
+        extension = None if args.resource_usage in (None, True) else args.resource_usage
+        return report_launch_coverage(args.launch_coverage, extension, args.require_all)
     if args.resource_usage is not None:
         return report_resources(None if args.resource_usage is True else args.resource_usage)
     if args.jobs < 1:

@@ -168,6 +168,8 @@ enum class Region { kNone, kDynamicShared, kStaticShared, kGlobal };
 
 struct State {
   std::mutex launch_mutex;
+  // Launches per kernel (mangled name, as the real build's cuobjdump lists it), for the coverage record.
+  std::map<std::string, uint64_t> launches;
   int arch = 90;
   size_t stack_bytes = 256 * 1024;
   double timeout_s = 60;
@@ -298,7 +300,7 @@ std::string demangle(const char* name) {
   return result;
 }
 
-// The function symbol covering addr, from the module's full symbol table (kernels in anonymous namespaces
+// The (mangled) function symbol covering addr, from the module's full symbol table (kernels in anonymous namespaces
 // are local symbols, absent from what dladdr sees).
 std::string function_symbol(const void* addr) {
   Module m;
@@ -321,7 +323,7 @@ std::string function_symbol(const void* addr) {
         for (size_t k = 0; k < sections[i].sh_size / sizeof(ElfW(Sym)); ++k)
           if (ELF64_ST_TYPE(syms[k].st_info) == STT_FUNC && target >= syms[k].st_value &&
               target < syms[k].st_value + std::max<ElfW(Xword)>(syms[k].st_size, 1)) {
-            found = demangle(names + syms[k].st_name);
+            found = names + syms[k].st_name;
             break;
           }
       }
@@ -759,12 +761,17 @@ void on_access(const void* p, size_t size, bool write, const void* pc) {
 
 // ------------------------------------------------------------------------------------------ launches
 
-std::string kernel_name_of(const LaunchConfig& c) {
-  static std::unordered_map<const void*, std::string> cache;
+struct KernelNames {
+  std::string mangled, readable;
+};
+
+const KernelNames& kernel_names_of(const LaunchConfig& c) {
+  static std::unordered_map<const void*, KernelNames> cache;
   auto it = cache.find(c.kernel);
   if (it == cache.end()) {
-    std::string name = function_symbol(c.kernel);
-    it = cache.emplace(c.kernel, name.empty() ? std::string(c.source_name) : name).first;
+    const std::string mangled = function_symbol(c.kernel);
+    const std::string name = mangled.empty() ? std::string(c.source_name) : mangled;
+    it = cache.emplace(c.kernel, KernelNames{name, mangled.empty() ? name : demangle(name.c_str())}).first;
   }
   return it->second;
 }
@@ -877,7 +884,9 @@ cudaError_t run_launch(const LaunchConfig& config, void (*body)(void*), void* ct
   State& s = state();
   std::lock_guard<std::mutex> lock(s.launch_mutex);
   s.config = &config;
-  s.kernel_name = kernel_name_of(config);
+  const KernelNames& names = kernel_names_of(config);
+  s.kernel_name = names.readable;
+  ++s.launches[names.mangled];
   s.launch_findings = 0;
   s.reported.clear();
   s.last_report.clear();
@@ -964,6 +973,12 @@ void register_device_buffer(const void* ptr, size_t bytes) {
 }
 
 void unregister_device_buffer(const void* ptr) { state().allocations.erase(reinterpret_cast<uintptr_t>(ptr)); }
+
+std::map<std::string, uint64_t> launch_counts() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
+  return s.launches;
+}
 
 void set_arch(int sm) { state().arch = sm == 80 ? 80 : 90; }
 int arch() { return state().arch; }

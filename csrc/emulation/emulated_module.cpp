@@ -9,4 +9,6 @@ PYBIND11_MODULE(_cuda_emulated, m) {
   m.doc() = "pykernels' CUDA engine on CPU tensors, in the CUDA emulator";
   m.def("arch", &pk::emu::arch, "The emulated architecture: 80 or 90 (initially PK_EMU_ARCH, default 90)");
   m.def("set_arch", &pk::emu::set_arch, "Emulate sm_80 or sm_90: their shared-memory limits");
+  m.def("launch_counts", &pk::emu::launch_counts,
+        "Launches so far per kernel, by mangled name: which of the engine's kernels the emulated runs reached");
 }
