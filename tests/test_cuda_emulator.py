@@ -117,3 +117,16 @@ def test_launch_counts_record_the_kernels_an_emulated_op_launches():
     grown = {name for name, count in after.items() if count > before.get(name, 0)}
     assert grown and all(name.startswith("_Z") for name in grown)  # mangled, as cuobjdump lists them
     assert any("spmm" in name for name in grown), grown
+
+
+def test_launch_coverage_matches_kernels_across_the_two_builds_anonymous_namespaces():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_cuda_kernels", ROOT / "tools" / "check_cuda_kernels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    nvcc = ("_ZN2pk4cuda4attn66_GLOBAL__N__173b7ed0_28_attention_backward_kernel_cu_b0c04690_518312delta_kernelIfEEvNS1_"
+            "14BackwardParamsIT_EE")
+    gxx = "_ZN2pk4cuda4attn12_GLOBAL__N_112delta_kernelIfEEvNS1_14BackwardParamsIT_EE"
+    assert tool.canonical_kernel(nvcc) == tool.canonical_kernel(gxx) != tool.canonical_kernel(gxx.replace("If", "Id"))
+    assert tool.canonical_kernel("_ZN2pk4cuda4attn14forward_kernelIfEEvv") == "_ZN2pk4cuda4attn14forward_kernelIfEEvv"

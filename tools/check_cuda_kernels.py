@@ -162,6 +162,18 @@ def check_launcher(source: Path) -> tuple[Path, bool, float, str]:
     return source, proc.returncode == 0, time.perf_counter() - start, (proc.stdout + proc.stderr).strip()
 
 
+def canonical_kernel(mangled: str) -> str:
+    """A mangled name with each anonymous namespace as one token: g++ names it _GLOBAL__N_1, nvcc after the file
+    and a hash (_GLOBAL__N__173b7ed0_28_attention_backward_kernel_cu_...), so the same kernel differs there."""
+    out, pos = [], 0
+    for match in re.finditer(r"(\d+)_GLOBAL__N_", mangled):
+        if match.start() < pos:
+            continue
+        out.append(mangled[pos:match.start()] + "_ANON_")
+        pos = match.end(1) + int(match.group(1))
+    return "".join(out) + mangled[pos:]
+
+
 def report_launch_coverage(record: Path, binary: Path | None, require_all: bool) -> int:
     """Which of the real build's kernels the emulated test runs launched (record: the JSON the test suite writes
     with PYKERNELS_EMU_LAUNCHES set), per kernel family. A kernel never launched is a tile path or dispatch
@@ -171,15 +183,17 @@ def report_launch_coverage(record: Path, binary: Path | None, require_all: bool)
     if built is None:
         return 1
     _, rows = built
-    names = short_names(sorted({mangled for _, mangled, _ in rows}))
+    built_names = short_names(sorted({mangled for _, mangled, _ in rows}))
+    names = {canonical_kernel(m): name for m, name in built_names.items()}
     # cub's own kernels run as host twins with the same contract in the emulator (csrc/emulation/cub_twins.h).
     compiled = sorted(m for m in names if not names[m].startswith("void cub::"))
-    launched = json.loads(record.read_text())
-    names.update(short_names(sorted(set(launched) - set(names))))
+    launched_names = short_names(sorted(json.loads(record.read_text())))
+    launched = {canonical_kernel(m) for m in launched_names}
+    names.update({canonical_kernel(m): name for m, name in launched_names.items() if canonical_kernel(m) not in names})
     families: dict[str, list[int]] = {}
     for mangled in compiled:
         head = names[mangled].removeprefix("void ").split("(")[0].split("<")[0]
-        family = head.rsplit("::", 1)[0] if "::" in head else "(no namespace)"
+        family = head.rsplit("::", 1)[0] if "::" in head else "graph, csr"
         counts = families.setdefault(family, [0, 0])
         counts[0] += mangled in launched
         counts[1] += 1
