@@ -1,5 +1,6 @@
-"""The CPU engine's key split (flash-decoding): few query rows per kv head against keys long enough to cut into
-chunks, merged per row; and single heads of long keys, whose row blocks are too few to share among threads.
+"""The CPU engine's key split (flash-decoding): up to 64 query rows per kv head against keys long enough to cut
+into chunks, merged per row; and few heads of many queries and long keys, whose row blocks are too few to
+share among threads.
 Checked against the float64 reference and torch's SDPA, for every dtype, mask kind and GQA, and for results
 that do not depend on the thread count."""
 import pytest
@@ -13,15 +14,18 @@ from pykernels.testing import assert_close, assert_low_precision_error
 pytestmark = pytest.mark.attention
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# (B, H, Hkv, Nq, Nk, D, Dv). Up to 16 query rows per kv head (the group's heads x Nq) take dot-product scores;
-# 1100 and 1337 keys are no whole number of chunks (256 keys at least) nor of score strips; D = 40 and Dv = 24
-# leave a tail after whole vectors, and Dv = 24 no whole gemm panel in place.
+# (B, H, Hkv, Nq, Nk, D, Dv). The query rows per kv head (the group's heads x Nq) pick the score kernel: 1 and 7
+# rows take dot products (D = 40: a tail after whole vectors), 12 rows a gemm over the keys (rows <= D), 34, 40
+# and 60 rows a gemm over transposed key blocks (rows > D). 1101, 523 and 1337 keys are no whole number of
+# chunks (256 keys at least) nor of score strips; Dv = 24 and 48 are no whole vectors, and Dv = 24 not
+# even a whole gemm panel, so values are padded rather than read in place.
 SHAPES = [
-    (1, 2, 2, 1, 1100, 64, 64),
+    (1, 2, 2, 1, 1101, 64, 64),
+    (1, 7, 1, 1, 523, 40, 80),
     (2, 4, 1, 3, 1337, 40, 24),
-    (1, 2, 1, 17, 600, 32, 32),  # 34 rows: a transposed key block per gemm; 2 tasks only, so keys are cut
+    (1, 2, 1, 17, 600, 32, 32),
     (1, 1, 1, 40, 1100, 16, 48),
-    (1, 1, 1, 600, 700, 16, 16),  # causal: the second chunk of keys is past the first row blocks' queries
+    (1, 1, 1, 600, 700, 16, 16),  # 10 row blocks, too few to share: keys cut too (causal: past some blocks)
 ]
 
 
@@ -82,7 +86,7 @@ def test_split_forward_matches_reference_and_sdpa(shape, dtype, causal, mask):
             assert_close(out, sdpa, dtype, scale=4, msg="out vs SDPA")
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True])
 def test_split_lse_and_gradients(shape, causal):
     # The backward recomputes the probabilities from the merged lse: both must match the reference.

@@ -308,10 +308,14 @@ void forward_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, con
 // output per row; a second loop merges each row's chunks in chunk order (flash-decoding). The cuts depend
 // on the shapes only, so the result does not depend on the thread count.
 
-// Row blocks of at most this many rows take their scores as dot products against k's rows in place
-// (cpu::row_dots); larger ones transpose each key block once for a gemm that serves all their rows, which
-// costs a transposition per key but no lane reduction per score.
-constexpr int64_t kDotRows = 16;
+// Row blocks of fewer rows take their scores as dot products against k's rows in place (cpu::row_dots, one
+// lane reduction per score). Larger ones take them from a gemm, which needs one side transposed: up to dqk
+// rows, the gemm runs over the keys as its rows (k in place) against the block's queries transposed into whole
+// vectors, and the score tile is transposed back, rows moves per key; beyond dqk rows, each key block is
+// transposed for a gemm over the query rows, dqk moves per key. Dots pay from 8 rows on for the gemm's fill.
+constexpr int64_t kDotRows = 8;
+// Up to this many query rows per kv head (one row block) always take the key split.
+constexpr int64_t kFewRows = kBlockQ;
 // The chunks aim at this many tasks in all: enough for 32 threads twice over, fixed so that the cut does not
 // follow the thread count. A chunk holds at least kMinChunkKeys keys, so that its partial output, merged
 // once, stays small next to its products.
@@ -322,16 +326,17 @@ constexpr int64_t kFewTasks = 16;
 
 int64_t visible_keys(const AttentionDims& d, bool causal) { return causal ? std::min(d.nk, d.nq) : d.nk; }
 
-// Whether the forward takes the key split rather than the packed engine, measured on 2 threads (fp32, D 64
-// and 128, against the packed engine and torch's SDPA): with at most kDotRows query rows per kv head the
-// packed engine spends as much on packing k and v as on the attention, and beyond 4 MiB per head it packs
-// every head into one call-wide buffer whose allocation and first touch cost 6x the attention (32 heads of
-// 8192 keys: 141 ms against SDPA's 22 ms); the split reads k and v once, in place. With fewer than kFewTasks
-// tasks over at least two chunks of keys, the packed engine runs one head of 64 queries x 8192 keys on one
-// thread, the split on all of them.
+// Whether the forward takes the key split rather than the packed engine. Measured on 2 threads, fp32, against
+// the packed engine and torch's SDPA: with at most kFewRows query rows per kv head the packed engine packs
+// every head of k and v for one query block, which costs as much as the attention when a key meets one query,
+// and beyond 4 MiB per head it packs all heads into one call-wide buffer whose allocation and first touch cost
+// 6x the attention (32 heads, 1 query x 8192 keys, D 128: 141 ms against SDPA's 22; 32 queries: 3x SDPA's
+// time), where the split reads k and v in place, once per kv head (1.1-1.6x faster than SDPA there). 64 rows
+// of 64 keys (D 40) run as fast either way. Past kFewRows rows, with fewer than kFewTasks tasks over at least
+// two chunks of keys, the packed engine runs a single head of 200 queries x 8192 keys on 4 threads at most.
 bool split_keys(const AttentionDims& d, bool causal) {
   if (d.nq == 0 || d.nk == 0) return false;
-  if (d.group() * d.nq <= kDotRows) return true;
+  if (d.group() * d.nq <= kFewRows) return true;
   const int64_t tasks = d.batch * d.heads * ((d.nq + kBlockQ - 1) / kBlockQ);
   return tasks < kFewTasks && visible_keys(d, causal) >= 2 * kMinChunkKeys;
 }
@@ -369,37 +374,80 @@ struct KeySplit {
   }
 };
 
-// One split task's buffers: its query rows (times scale), a score strip, a key block (converted, or
-// transposed for the gemm), a value block (converted or padded), and the accumulators of an unmerged call.
+// One split task's buffers: its query rows (times scale), a score strip (and its transpose), a key block
+// (converted, or transposed) and a value block (converted or padded), and the accumulators of an unmerged
+// call.
 template <typename A>
 struct SplitScratch {
-  std::vector<A> q, s, k, v, acc;
+  std::vector<A> q, s, st, k, v, acc;
   std::vector<OnlineSoftmax<A>> state;
   explicit SplitScratch(const KeySplit& ks)
-      : q(ks.block_rows * ks.p.dqk_pad),
+      : q(ks.p.dqk_pad * cpu::round_up_lanes(ks.block_rows, cpu::kHalfLanes<A>)),
         s(ks.block_rows * ks.bk),
+        st(ks.bk * cpu::round_up_lanes(ks.block_rows, cpu::kHalfLanes<A>)),
         k(ks.bk * ks.p.dqk_pad),
         v(ks.bk * ks.p.dv_pad),
         acc(ks.block_rows * ks.p.dv_pad),
         state(ks.block_rows) {}
 };
 
-// s[r][0:n] = scores of the block's rows against keys [j0, j0 + n) of kv head (b, hkv); row stride bk.
+// How a row block of a call takes its scores (see kDotRows).
+enum class ScoreKernel { kDots, kKeyRows, kQueryRows };
+ScoreKernel score_kernel(const Plan& p, int64_t rows) {
+  return rows < kDotRows ? ScoreKernel::kDots : rows <= p.d.dqk ? ScoreKernel::kKeyRows : ScoreKernel::kQueryRows;
+}
+
+// w.q = the block's query rows times scale: transposed ([dqk][rows rounded up to kHalfLanes], zero-padded)
+// when the keys are the gemm's rows, else row-major ([rows][dqk_pad]). Returns the last query.
+template <typename T, typename A>
+int64_t split_queries(const KeySplit& ks, const Rows<const T>& q, const KeySplit::RowBlock& rb, A scale,
+                      SplitScratch<A>& w) {
+  const Plan& p = ks.p;
+  const bool transposed = score_kernel(p, rb.n) == ScoreKernel::kKeyRows;
+  const int64_t ld = cpu::round_up_lanes(rb.n, cpu::kHalfLanes<A>);
+  if (transposed) std::fill(w.q.begin(), w.q.begin() + p.d.dqk * ld, A(0));
+  int64_t last = 0;
+  for (int64_t r = 0; r < rb.n; ++r) {
+    const auto [h, i] = ks.row(rb, r);
+    const T* x = q(rb.b, h, i);
+    if (transposed)
+      for (int64_t c = 0; c < p.d.dqk; ++c) w.q[c * ld + r] = scale * cpu::to_acc(x[c]);
+    else
+      pack_block(q, rb.b, h, i, 1, p.d.dqk, p.dqk_pad, scale, w.q.data() + r * p.dqk_pad);
+    last = std::max(last, i);
+  }
+  return last;
+}
+
+// s[r][0:width] = scores of the block's rows against keys [j0, j0 + n) of kv head (b, hkv), the columns from
+// n on to be masked; row stride bk. k is read in place when it is the accumulation type, else converted a
+// block at a time.
 template <typename T, typename A>
 void split_scores(const KeySplit& ks, const Rows<const T>& k, int64_t b, int64_t hkv, int64_t rows, int64_t j0,
                   int64_t n, int64_t width, SplitScratch<A>& w) {
   const Plan& p = ks.p;
-  if (rows > kDotRows) {
+  const ScoreKernel kernel = score_kernel(p, rows);
+  if (kernel == ScoreKernel::kQueryRows) {
     pack_panel(k, b, hkv, j0, n, p.d.dqk, width, w.k.data());
     cpu::gemm(rows, width, p.d.dqk, w.q.data(), p.dqk_pad, 1, w.k.data(), width, w.s.data(), ks.bk, false);
     return;
   }
+  const A* keys = w.k.data();
+  int64_t ld = p.dqk_pad;
   if constexpr (std::is_same_v<T, A>) {
-    cpu::row_dots(rows, n, p.d.dqk, w.q.data(), p.dqk_pad, k(b, hkv, j0), k.s2, w.s.data(), ks.bk);
+    keys = k(b, hkv, j0);
+    ld = k.s2;
   } else {
     pack_block(k, b, hkv, j0, n, p.d.dqk, p.dqk_pad, A(1), w.k.data());
-    cpu::row_dots(rows, n, p.dqk_pad, w.q.data(), p.dqk_pad, w.k.data(), p.dqk_pad, w.s.data(), ks.bk);
   }
+  if (kernel == ScoreKernel::kDots) {
+    cpu::row_dots(rows, n, p.d.dqk, w.q.data(), p.dqk_pad, keys, ld, w.s.data(), ks.bk);
+    return;
+  }
+  const int64_t cols = cpu::round_up_lanes(rows, cpu::kHalfLanes<A>);
+  cpu::gemm(n, cols, p.d.dqk, keys, ld, 1, w.q.data(), cols, w.st.data(), cols, false);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) w.s[r * ks.bk + j] = w.st[j * cols + r];
 }
 
 // acc[r][0:dv_pad] += s[r][0:n] v[j0:j0 + n]: v's rows in place when they are the accumulation type and
@@ -442,12 +490,7 @@ void forward_split(const Plan& p, const at::Tensor& q, const at::Tensor& k, cons
     for (int64_t task = begin; task < end; ++task) {
       const auto rb = ks.row_block(task / ks.chunks);
       const int64_t b = rb.b;
-      int64_t last_query = 0;
-      for (int64_t r = 0; r < rb.n; ++r) {
-        const auto [h, i] = ks.row(rb, r);
-        pack_block(q_rows, b, h, i, 1, p.d.dqk, p.dqk_pad, scale, w.q.data() + r * p.dqk_pad);
-        last_query = std::max(last_query, i);
-      }
+      const int64_t last_query = split_queries(ks, q_rows, rb, scale, w);
       const int64_t k_begin = task % ks.chunks * ks.chunk_keys;
       int64_t k_end = std::min(ks.nk, k_begin + ks.chunk_keys);
       if (p.causal) k_end = std::min(k_end, last_query + 1);
