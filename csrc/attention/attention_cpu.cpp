@@ -6,13 +6,16 @@
 // Every tile product is then one cpu::gemm with its accumulators in registers. Heads whose packed k and v
 // are small are packed by the thread that uses them (KvSource), others once per call.
 //
-// Forward streams key blocks through an online softmax per query row. Backward and the head-mean map's
-// backward recompute the probabilities from the lse. When the (batch, kv head) pairs keep the threads busy,
-// one task per pair does the whole backward in one pass (five tile products per tile). Otherwise two
-// atomic-free passes share the work more finely: one over query blocks (dq and the bias gradient), one over
-// key blocks (dk, dv), the second summing over the query heads that share a key/value head; they recompute
-// P and dS with the same code, so they agree bitwise. Both schemes visit tiles in the same order and make
-// the same products, so the choice (which depends on the thread count) does not change a bit of the result.
+// Forward streams key blocks through an online softmax per query row. A forward with few query rows per kv
+// head (decoding), or with few tasks over long keys, instead cuts the keys into chunks, reads k and v in place
+// and merges the chunks per row (forward_split; split_keys picks it from the shapes alone). Backward and the
+// head-mean map's backward recompute the probabilities from the lse. When the (batch, kv head) pairs keep
+// the threads busy, one task per pair does the whole backward in one pass (five tile products per tile).
+// Otherwise two atomic-free passes share the work more finely: one over query blocks (dq and the bias
+// gradient), one over key blocks (dk, dv), the second summing over the query heads that share a key/value
+// head; they recompute P and dS with the same code, so they agree bitwise. Both schemes visit tiles in the
+// same order and make the same products, so the choice (which depends on the thread count) does not change a
+// bit of the result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
