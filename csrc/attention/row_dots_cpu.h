@@ -11,8 +11,9 @@
 namespace pk::cpu {
 namespace tile {
 
+// Sum of v's lanes, folded in place. v travels by reference: by value, its ABI would differ between targets.
 template <int kBytes, typename A>
-__attribute__((always_inline)) inline A hsum(typename Vec<A, kBytes>::type v) {
+__attribute__((always_inline)) inline A hsum(typename Vec<A, kBytes>::type& v) {
   constexpr int L = kBytes / sizeof(A);
   fold<false, L / 2>(v, std::make_index_sequence<L>{});
   return v[0];
