@@ -6,23 +6,29 @@
 // Every tile product is then one cpu::gemm with its accumulators in registers. Heads whose packed k and v
 // are small are packed by the thread that uses them (KvSource), others once per call.
 //
-// Forward streams key blocks through an online softmax per query row. Backward and the head-mean map's
-// backward recompute the probabilities from the lse. When the (batch, kv head) pairs keep the threads busy,
-// one task per pair does the whole backward in one pass (five tile products per tile). Otherwise two
-// atomic-free passes share the work more finely: one over query blocks (dq and the bias gradient), one over
-// key blocks (dk, dv), the second summing over the query heads that share a key/value head; they recompute
-// P and dS with the same code, so they agree bitwise. Both schemes visit tiles in the same order and make
-// the same products, so the choice (which depends on the thread count) does not change a bit of the result.
+// Forward streams key blocks through an online softmax per query row. A forward with few query rows per kv
+// head (decoding), or with few tasks over long keys, instead cuts the keys into chunks, reads k and v in place
+// and merges the chunks per row (forward_split; split_keys picks it from the shapes alone). Backward and the
+// head-mean map's backward recompute the probabilities from the lse. When the (batch, kv head) pairs keep
+// the threads busy, one task per pair does the whole backward in one pass (five tile products per tile).
+// Otherwise two atomic-free passes share the work more finely: one over query blocks (dq and the bias
+// gradient), one over key blocks (dk, dv), the second summing over the query heads that share a key/value
+// head; they recompute P and dS with the same code, so they agree bitwise. Both schemes visit tiles in the
+// same order and make the same products, so the choice (which depends on the thread count) does not change a
+// bit of the result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention/attention_checks.h"
 #include "attention/flash_cpu.h"
+#include "attention/row_dots_cpu.h"
 
 namespace pk {
 namespace {
@@ -295,6 +301,262 @@ void forward_kernel(const Plan& p, const at::Tensor& q, const at::Tensor& k, con
   });
 }
 
+// --------------------------------------------------------------------- forward split along the keys
+
+// The forward of a few query rows against many keys (decoding, a few queries attending to a long context),
+// and of calls with too few (batch, head, query block) tasks to share among threads. The query rows of all
+// heads that share a kv head form one set (group x Nq rows, so the group reads k and v once), cut into row
+// blocks; the keys those rows see are cut into chunks. Each (row block, chunk) is a task that reads k and v
+// where they lie, without packing a whole head, and keeps the chunk's running max, sum and unnormalised
+// output per row; a second loop merges each row's chunks in chunk order (flash-decoding). The cuts depend
+// on the shapes only, so the result does not depend on the thread count.
+
+// Row blocks of fewer rows take their scores as dot products against k's rows in place (cpu::row_dots, one
+// lane reduction per score). Larger ones take them from a gemm, which needs one side transposed: up to dqk
+// rows, the gemm runs over the keys as its rows (k in place) against the block's queries transposed into whole
+// vectors, and the score tile is transposed back, rows moves per key; beyond dqk rows, each key block is
+// transposed for a gemm over the query rows, dqk moves per key. Dots pay from 8 rows on for the gemm's fill.
+constexpr int64_t kDotRows = 8;
+// Up to this many query rows per kv head (one row block) always take the key split.
+constexpr int64_t kFewRows = kBlockQ;
+// The chunks aim at this many tasks in all: enough for 32 threads twice over, fixed so that the cut does not
+// follow the thread count. A chunk holds at least kMinChunkKeys keys, so that its partial output, merged
+// once, stays small next to its products.
+constexpr int64_t kSplitTasks = 64;
+constexpr int64_t kMinChunkKeys = 256;
+// Below this many (batch, head, query block) tasks the packed engine leaves threads idle on long keys.
+constexpr int64_t kFewTasks = 16;
+
+int64_t visible_keys(const AttentionDims& d, bool causal) { return causal ? std::min(d.nk, d.nq) : d.nk; }
+
+// Whether the forward takes the key split rather than the packed engine. Measured on 2 threads, fp32, against
+// the packed engine and torch's SDPA: with at most kFewRows query rows per kv head the packed engine packs
+// every head of k and v for one query block, which costs as much as the attention when a key meets one query,
+// and beyond 4 MiB per head it packs all heads into one call-wide buffer whose allocation and first touch cost
+// 6x the attention (32 heads, 1 query x 8192 keys, D 128: 141 ms against SDPA's 22; 32 queries: 3x SDPA's
+// time), where the split reads k and v in place, once per kv head (1.1-1.6x faster than SDPA there). 64 rows
+// of 64 keys (D 40) run as fast either way. Past kFewRows rows, with fewer than kFewTasks tasks over at least
+// two chunks of keys, the packed engine runs a single head of 200 queries x 8192 keys on 4 threads at most.
+bool split_keys(const AttentionDims& d, bool causal) {
+  if (d.nq == 0 || d.nk == 0) return false;
+  if (d.group() * d.nq <= kFewRows) return true;
+  const int64_t tasks = d.batch * d.heads * ((d.nq + kBlockQ - 1) / kBlockQ);
+  return tasks < kFewTasks && visible_keys(d, causal) >= 2 * kMinChunkKeys;
+}
+
+// The cuts of one call: row blocks of the group's query rows, and chunks of whole key blocks.
+struct KeySplit {
+  const Plan& p;
+  int64_t rows, row_blocks, block_rows;  // rows: query rows per (batch, kv head), group x nq
+  int64_t nk, bk, chunk_keys, chunks;    // nk: keys any row sees; bk: keys per score strip
+  explicit KeySplit(const Plan& plan) : p(plan) {
+    const AttentionDims& d = p.d;
+    rows = d.group() * d.nq;
+    row_blocks = (rows + kBlockQ - 1) / kBlockQ;
+    block_rows = (rows + row_blocks - 1) / row_blocks;
+    nk = visible_keys(d, p.causal);
+    bk = std::min(flash::kMaxBlockK, cpu::round_up_lanes(nk, p.lanes));
+    const int64_t wanted = (kSplitTasks + units() - 1) / units();
+    const int64_t most = std::max<int64_t>(1, nk / kMinChunkKeys);
+    chunk_keys = cpu::round_up_lanes((nk + std::min(wanted, most) - 1) / std::min(wanted, most), bk);
+    chunks = (nk + chunk_keys - 1) / chunk_keys;
+  }
+  int64_t units() const { return p.d.batch * p.d.kv_heads * row_blocks; }
+
+  struct RowBlock {
+    int64_t b, hkv, x0, n;
+  };
+  RowBlock row_block(int64_t unit) const {
+    const int64_t bkv = unit / row_blocks, x0 = unit % row_blocks * block_rows;
+    return {bkv / p.d.kv_heads, bkv % p.d.kv_heads, x0, std::min(block_rows, rows - x0)};
+  }
+  // Head and query of row r of a block.
+  std::pair<int64_t, int64_t> row(const RowBlock& rb, int64_t r) const {
+    const int64_t x = rb.x0 + r;
+    return {rb.hkv * p.d.group() + x / p.d.nq, x % p.d.nq};
+  }
+};
+
+// One split task's buffers: its query rows (times scale), a score strip (and its transpose), a key block
+// (converted, or transposed) and a value block (converted or padded), and the accumulators of an unmerged
+// call.
+template <typename A>
+struct SplitScratch {
+  std::vector<A> q, s, st, k, v, acc;
+  std::vector<OnlineSoftmax<A>> state;
+  explicit SplitScratch(const KeySplit& ks)
+      : q(ks.p.dqk_pad * cpu::round_up_lanes(ks.block_rows, cpu::kHalfLanes<A>)),
+        s(ks.block_rows * ks.bk),
+        st(ks.bk * cpu::round_up_lanes(ks.block_rows, cpu::kHalfLanes<A>)),
+        k(ks.bk * ks.p.dqk_pad),
+        v(ks.bk * ks.p.dv_pad),
+        acc(ks.block_rows * ks.p.dv_pad),
+        state(ks.block_rows) {}
+};
+
+// How a row block of a call takes its scores (see kDotRows).
+enum class ScoreKernel { kDots, kKeyRows, kQueryRows };
+ScoreKernel score_kernel(const Plan& p, int64_t rows) {
+  return rows < kDotRows ? ScoreKernel::kDots : rows <= p.d.dqk ? ScoreKernel::kKeyRows : ScoreKernel::kQueryRows;
+}
+
+// w.q = the block's query rows times scale: transposed ([dqk][rows rounded up to kHalfLanes], zero-padded)
+// when the keys are the gemm's rows, else row-major ([rows][dqk_pad]). Returns the last query.
+template <typename T, typename A>
+int64_t split_queries(const KeySplit& ks, const Rows<const T>& q, const KeySplit::RowBlock& rb, A scale,
+                      SplitScratch<A>& w) {
+  const Plan& p = ks.p;
+  const bool transposed = score_kernel(p, rb.n) == ScoreKernel::kKeyRows;
+  const int64_t ld = cpu::round_up_lanes(rb.n, cpu::kHalfLanes<A>);
+  if (transposed) std::fill(w.q.begin(), w.q.begin() + p.d.dqk * ld, A(0));
+  int64_t last = 0;
+  for (int64_t r = 0; r < rb.n; ++r) {
+    const auto [h, i] = ks.row(rb, r);
+    const T* x = q(rb.b, h, i);
+    if (transposed)
+      for (int64_t c = 0; c < p.d.dqk; ++c) w.q[c * ld + r] = scale * cpu::to_acc(x[c]);
+    else
+      pack_block(q, rb.b, h, i, 1, p.d.dqk, p.dqk_pad, scale, w.q.data() + r * p.dqk_pad);
+    last = std::max(last, i);
+  }
+  return last;
+}
+
+// s[r][0:width] = scores of the block's rows against keys [j0, j0 + n) of kv head (b, hkv), the columns from
+// n on to be masked; row stride bk. k is read in place when it is the accumulation type, else converted a
+// block at a time.
+template <typename T, typename A>
+void split_scores(const KeySplit& ks, const Rows<const T>& k, int64_t b, int64_t hkv, int64_t rows, int64_t j0,
+                  int64_t n, int64_t width, SplitScratch<A>& w) {
+  const Plan& p = ks.p;
+  const ScoreKernel kernel = score_kernel(p, rows);
+  if (kernel == ScoreKernel::kQueryRows) {
+    pack_panel(k, b, hkv, j0, n, p.d.dqk, width, w.k.data());
+    cpu::gemm(rows, width, p.d.dqk, w.q.data(), p.dqk_pad, 1, w.k.data(), width, w.s.data(), ks.bk, false);
+    return;
+  }
+  const A* keys = w.k.data();
+  int64_t ld = p.dqk_pad;
+  if constexpr (std::is_same_v<T, A>) {
+    keys = k(b, hkv, j0);
+    ld = k.s2;
+  } else {
+    pack_block(k, b, hkv, j0, n, p.d.dqk, p.dqk_pad, A(1), w.k.data());
+  }
+  if (kernel == ScoreKernel::kDots) {
+    cpu::row_dots(rows, n, p.d.dqk, w.q.data(), p.dqk_pad, keys, ld, w.s.data(), ks.bk);
+    return;
+  }
+  const int64_t cols = cpu::round_up_lanes(rows, cpu::kHalfLanes<A>);
+  cpu::gemm(n, cols, p.d.dqk, keys, ld, 1, w.q.data(), cols, w.st.data(), cols, false);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) w.s[r * ks.bk + j] = w.st[j * cols + r];
+}
+
+// acc[r][0:dv_pad] += s[r][0:n] v[j0:j0 + n]: v's rows in place when they are the accumulation type and
+// whole gemm panels wide, else converted and padded.
+template <typename T, typename A>
+void split_values(const KeySplit& ks, const Rows<const T>& v, int64_t b, int64_t hkv, int64_t rows, int64_t j0,
+                  int64_t n, SplitScratch<A>& w, A* acc) {
+  const Plan& p = ks.p;
+  const A* values = w.v.data();
+  int64_t ld = p.dv_pad;
+  if (std::is_same_v<T, A> && p.d.dv == p.dv_pad) {
+    values = reinterpret_cast<const A*>(v(b, hkv, j0));
+    ld = v.s2;
+  } else {
+    pack_block(v, b, hkv, j0, n, p.d.dv, p.dv_pad, A(1), w.v.data());
+  }
+  cpu::gemm(rows, p.dv_pad, n, w.s.data(), ks.bk, 1, values, ld, acc, p.dv_pad, true);
+}
+
+template <typename T, typename A>
+void forward_split(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& bias_t, A scale, const at::Tensor& out, const at::Tensor& lse) {
+  const KeySplit ks(p);
+  const Rows<const T> q_rows(q), k_rows(k), v_rows(v);
+  const Rows<T> out_rows(out);
+  const Strided<T> bias(bias_t);
+  A* lse_data = lse.data_ptr<A>();
+  const int64_t H = p.d.heads, units = ks.units(), tasks = units * ks.chunks, block = ks.block_rows;
+  // With one chunk a task owns its rows and stores them; with more, each task leaves its chunk's state and
+  // output in the partial buffers, merged below.
+  const bool merge = ks.chunks > 1;
+  at::Tensor partial = merge ? acc_buffer<A>(q, {tasks * block * p.dv_pad}) : at::Tensor();
+  std::vector<OnlineSoftmax<A>> partial_state(merge ? tasks * block : 0);
+  const auto store_row = [&](int64_t b, int64_t h, int64_t i, const A* acc, const OnlineSoftmax<A>& st) {
+    cpu::store(out_rows(b, h, i), acc, st.inv_sum(), p.d.dv);
+    lse_data[(b * H + h) * p.d.nq + i] = st.lse();
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    SplitScratch<A> w(ks);
+    for (int64_t task = begin; task < end; ++task) {
+      const auto rb = ks.row_block(task / ks.chunks);
+      const int64_t b = rb.b;
+      const int64_t last_query = split_queries(ks, q_rows, rb, scale, w);
+      const int64_t k_begin = task % ks.chunks * ks.chunk_keys;
+      int64_t k_end = std::min(ks.nk, k_begin + ks.chunk_keys);
+      if (p.causal) k_end = std::min(k_end, last_query + 1);
+      A* acc = merge ? partial.data_ptr<A>() + task * block * p.dv_pad : w.acc.data();
+      OnlineSoftmax<A>* state = merge ? partial_state.data() + task * block : w.state.data();
+      std::fill(acc, acc + rb.n * p.dv_pad, A(0));
+      std::fill(state, state + rb.n, OnlineSoftmax<A>{});
+      for (int64_t j0 = k_begin; j0 < k_end; j0 += ks.bk) {
+        const int64_t n = std::min(ks.bk, k_end - j0), width = cpu::round_up_lanes(n, p.lanes);
+        split_scores(ks, k_rows, b, rb.hkv, rb.n, j0, n, width, w);
+        for (int64_t r = 0; r < rb.n; ++r) {
+          const auto [h, i] = ks.row(rb, r);
+          A* sr = w.s.data() + r * ks.bk;
+          const int64_t visible = p.causal ? std::clamp<int64_t>(i - j0 + 1, 0, n) : n;
+          finish_scores(sr, visible, width, bias.row(b, h, i, j0), bias.s3);
+          flash::fold_row(sr, width, state[r], acc + r * p.dv_pad, p.dv_pad);
+        }
+        split_values(ks, v_rows, b, rb.hkv, rb.n, j0, n, w, acc);
+      }
+      if (merge) continue;
+      for (int64_t r = 0; r < rb.n; ++r) {
+        const auto [h, i] = ks.row(rb, r);
+        store_row(b, h, i, acc + r * p.dv_pad, state[r]);
+      }
+    }
+  });
+  if (!merge) return;
+  // Each row's chunks in chunk order: the largest max (a NaN one sticks), then every chunk's sum and output
+  // rescaled to it; an empty or fully masked chunk (max -inf) weighs 0.
+  at::parallel_for(0, units, grain_for(units, ks.chunks * block * p.dv_pad), [&](int64_t begin, int64_t end) {
+    std::vector<A> sum(p.dv_pad);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const auto rb = ks.row_block(unit);
+      for (int64_t r = 0; r < rb.n; ++r) {
+        const auto state = [&](int64_t c) { return partial_state[(unit * ks.chunks + c) * block + r]; };
+        OnlineSoftmax<A> total;
+        for (int64_t c = 0; c < ks.chunks; ++c)
+          if (state(c).max > total.max || std::isnan(state(c).max)) total.max = state(c).max;
+        std::fill(sum.begin(), sum.end(), A(0));
+        for (int64_t c = 0; c < ks.chunks; ++c) {
+          const OnlineSoftmax<A> st = state(c);
+          const A weight = st.max == A(-INFINITY) ? A(0) : std::exp(st.max - total.max);
+          total.sum += weight * st.sum;
+          cpu::axpy(sum.data(), weight, partial.data_ptr<A>() + ((unit * ks.chunks + c) * block + r) * p.dv_pad,
+                    p.dv_pad);
+        }
+        const auto [h, i] = ks.row(rb, r);
+        store_row(rb.b, h, i, sum.data(), total);
+      }
+    }
+  });
+}
+
+// The forward of attention and of attention_with_map beyond its strips: the key split or the packed engine.
+template <typename T, typename A>
+void forward(const Plan& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const std::optional<at::Tensor>& bias, A scale, const at::Tensor& out, const at::Tensor& lse) {
+  if (split_keys(p.d, p.causal))
+    forward_split<T, A>(p, q, k, v, bias, scale, out, lse);
+  else
+    forward_kernel<T, A>(p, q, k, v, bias, scale, out, lse);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& bias, bool causal, double scale) {
   const AttentionDims d = check_attention("pykernels.attention", q, k, v, bias);
@@ -303,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   PK_DISPATCH_FLOATS(q.scalar_type(), "attention_cpu", [&] {
     using A = cpu::acc_t<scalar_t>;
     const Plan p(d, causal, cpu::kLanes<A>, cpu::kHalfLanes<A>);
-    forward_kernel<scalar_t, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse);
+    forward<scalar_t, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse);
   });
   return {out, lse};
 }
@@ -798,7 +1060,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_map_cpu(const at::
       forward_with_map_kernel<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse, map.data_ptr<T>());
       return;
     }
-    forward_kernel<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse);
+    forward<T, A>(p, q, k, v, bias, static_cast<A>(scale), out, lse);
     KvSource<T, A> kv(p, k, k, kKt);
     const Recompute<T, A> c{p, Rows<const T>(q), static_cast<A>(scale), Strided<T>(bias), lse.data_ptr<A>()};
     map_kernel(c, kv, q, map.data_ptr<T>());
