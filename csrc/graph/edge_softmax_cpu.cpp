@@ -31,12 +31,16 @@ at::Tensor edge_softmax_cpu(const at::Tensor& rowptr, const at::Tensor& scores) 
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<A>::infinity());
         std::fill(sum.begin(), sum.end(), A(0));
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
-          for (int64_t h = 0; h < heads; ++h) mx[h] = std::max(mx[h], A(s[e * heads + h]));
+          for (int64_t h = 0; h < heads; ++h) {
+            // A NaN score makes the max NaN and with it the target's weights, as torch.softmax does.
+            const A x = s[e * heads + h];
+            mx[h] = x > mx[h] || x != x ? x : mx[h];
+          }
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
           for (int64_t h = 0; h < heads; ++h) {
             if (mx[h] != -std::numeric_limits<A>::infinity()) sum[h] += std::exp(A(s[e * heads + h]) - mx[h]);
           }
-        for (int64_t h = 0; h < heads; ++h) sum[h] = sum[h] > A(0) ? A(1) / sum[h] : A(0);
+        for (int64_t h = 0; h < heads; ++h) sum[h] = sum[h] == A(0) ? A(0) : A(1) / sum[h];
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
           for (int64_t h = 0; h < heads; ++h)
             o[e * heads + h] = static_cast<scalar_t>(
