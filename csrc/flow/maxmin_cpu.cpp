@@ -112,9 +112,10 @@ struct Lanes {
   static __attribute__((always_inline)) void load(V& v, const A* p) { v = *reinterpret_cast<const U*>(p); }
   static __attribute__((always_inline)) void store(A* p, const V& v) { *reinterpret_cast<U*>(p) = v; }
 
-  // e = exp(min((h - x) / t, clamp)) lane by lane, see flow/maxmin.h.
+  // e = exp(min((h - x) / t, clamp)) lane by lane, with h = x giving exponent 0; see flow/maxmin.h's
+  // soft_exponent.
   static __attribute__((always_inline)) void soft_exp(V& e, const V& h, const V& x, A inv_t) {
-    e = (h - x) * inv_t;
+    e = h == x ? V{} : (h - x) * inv_t;
     e = flow::SoftExp<A>::clamp < e ? V{} + flow::SoftExp<A>::clamp : e;
     if constexpr (sizeof(A) == 4) {
       cpu::tile::exp_vec(e);

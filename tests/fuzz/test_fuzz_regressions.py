@@ -140,6 +140,17 @@ def test_edge_softmax_nan_score_gives_nan(engine, others):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("inf", [math.inf, -math.inf])
+def test_soft_maxmin_of_infinite_hard_product_is_that_infinity(engine, inf):
+    """C2 (CPU, CUDA and Triton engines): soft_exponent formed (inf - inf) / t where the hard product is
+    infinite (a pair a = b = +inf; or every pair holding a -inf), giving NaN."""
+    a = torch.tensor([[inf, 0.1]], dtype=torch.float64)
+    b = torch.tensor([[inf], [0.2 if inf > 0 else -math.inf]], dtype=torch.float64)
+    assert pk.soft_maxmin_matmul(a, b, 0.01, backend="reference").item() == inf
+    assert pk.soft_maxmin_matmul(a, b, 0.01, backend=engine).item() == inf
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_graph_attention_inf_bias_matches_its_weights(engine):
     """C3 (CPU and CUDA engines): OnlineSoftmax::update took a single +inf score as weight 1 (one-hot) where
     the reference and the returned weights are NaN."""
