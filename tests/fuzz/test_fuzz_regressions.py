@@ -165,6 +165,19 @@ def test_graph_attention_inf_bias_matches_its_weights(engine):
     assert out[0].isnan().all()
 
 
+@pytest.mark.parametrize("engine", ENGINES + ["reference"])
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+def test_query_with_every_key_masked_outputs_zeros(op, engine):
+    """M1: the windowed engines output 0 for a query whose scores are all -inf, fused_attention's documented
+    rule; their references ran a plain torch.softmax and gave NaN. The references now say zeros too."""
+    q, k, v = _qkv(n=4, dtype=torch.float64)
+    q = q.abs() + 0.1
+    k[0, 0] = -math.inf  # every score of head 0 is -inf
+    out = _window_call(op, q, k, v, engine)
+    assert (out[0, 0] == 0).all()
+    torch.testing.assert_close(out, _window_call(op, q, k, v, "reference"))
+
+
 @pytest.mark.xfail(strict=True, reason="R1: pykernels/reference/flow.py with_residual divides by the row sum clamped "
                                        "at the dtype's smallest normal number, so a row summing to a subnormal "
                                        "is not renormalised to 1 (float64 would)")
