@@ -17,6 +17,7 @@ at::Tensor edge_softmax_cpu(const at::Tensor& rowptr, const at::Tensor& scores) 
   PK_CHECK_INDEX_TENSOR(op, "rowptr", rowptr);
   PK_CHECK_FLOAT_TENSOR(op, "scores", scores);
   PK_CHECK_DIM(op, "scores", scores, 2);
+  check_rowptr(op, "rowptr", rowptr, scores.size(0), "scores");
   const int64_t num_rows = rowptr.numel() - 1, heads = scores.size(1);
   auto out = at::empty_like(scores);
   const int64_t* rp = rowptr.data_ptr<int64_t>();
@@ -59,6 +60,7 @@ at::Tensor edge_softmax_backward_cpu(const at::Tensor& rowptr, const at::Tensor&
   PK_CHECK_FLOAT_TENSOR(op, "probs", probs);
   PK_CHECK_FLOAT_TENSOR(op, "grad", grad);
   TORCH_CHECK(probs.sizes() == grad.sizes() && probs.dim() == 2, op, ": probs and grad must be [E, H]");
+  check_rowptr(op, "rowptr", rowptr, probs.size(0), "probs");
   const int64_t num_rows = rowptr.numel() - 1, heads = probs.size(1);
   auto out = at::empty_like(probs);
   const int64_t* rp = rowptr.data_ptr<int64_t>();

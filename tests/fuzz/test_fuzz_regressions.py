@@ -178,6 +178,71 @@ def test_query_with_every_key_masked_outputs_zeros(op, engine):
     torch.testing.assert_close(out, _window_call(op, q, k, v, "reference"))
 
 
+# ------------------------------------------------------------------------------------------ CSR contents
+# The graph ops are public (torch.ops.pykernels.*) and their CPU engine used rowptr and col as offsets
+# unchecked: a col entry past the node count read out of bounds (a heap overflow in spmm).
+def _csr(col=(0, 1, 1), rowptr=(0, 1, 3)):
+    return torch.tensor(rowptr), torch.tensor(col)
+
+
+def _bad_csr_calls(rowptr, col):
+    ns = torch.ops.pykernels
+    x = torch.randn(2, 1, 4)
+    scores = torch.randn(col.numel(), 1)
+    return {
+        "spmm": lambda: ns.spmm(rowptr, col, None, None, None, None, x, "sum"),
+        "sddmm": lambda: ns.sddmm(rowptr, col, None, None, None, x, x),
+        "graph_attention": lambda: ns.graph_attention(rowptr, col, None, None, None, x, x, x, None, 1.0),
+        "edge_softmax": lambda: ns.edge_softmax(rowptr, scores),
+        "edge_softmax_backward": lambda: ns.edge_softmax_backward(rowptr, scores, scores),
+    }
+
+
+@pytest.mark.parametrize("op", ["spmm", "sddmm", "graph_attention"])
+@pytest.mark.parametrize("bad", [2, 1 << 40, -1])
+def test_csr_col_out_of_range_raises(op, bad):
+    rowptr, col = _csr(col=(0, bad, 1))
+    with pytest.raises(IndexError, match=rf"pykernels.{op}: col\[1\] = {bad} is out of range: expected values in "
+                                         r"\[0, 2\)"):
+        _bad_csr_calls(rowptr, col)[op]()
+
+
+@pytest.mark.parametrize("op", ["spmm", "sddmm", "graph_attention", "edge_softmax", "edge_softmax_backward"])
+@pytest.mark.parametrize("rowptr,message", [((0, 1, 4), r"must start at 0 and end at 3 \(the length of "),
+                                            ((1, 1, 3), r"must start at 0 and end at 3"),
+                                            ((0, 4, 3), r"must be non-decreasing, got rowptr\[1\] = 4 > "
+                                                        r"rowptr\[2\] = 3")])
+def test_csr_bad_rowptr_raises(op, rowptr, message):
+    rowptr, col = _csr(rowptr=rowptr)
+    with pytest.raises(IndexError, match=rf"pykernels.{op}: rowptr {message}"):
+        _bad_csr_calls(rowptr, col)[op]()
+
+
+def test_csr_transpose_of_a_backward_is_checked():
+    ns = torch.ops.pykernels
+    rowptr, col = _csr()
+    x = torch.randn(2, 1, 4, dtype=torch.float64)
+    out, lse = ns.graph_attention(rowptr, col, None, None, None, x, x, x, None, 1.0)
+    rowptr_t, col_t, perm_t = torch.tensor([0, 1, 3]), torch.tensor([0, 5, 1]), torch.tensor([0, 1, 2])
+    with pytest.raises(IndexError, match=r"pykernels.graph_attention_backward: col_t\[1\] = 5 is out of range"):
+        ns.graph_attention_backward(rowptr, col, rowptr_t, col_t, perm_t, x, x, x, None, out, lse, out, 1.0, False)
+    with pytest.raises(IndexError, match=r"pykernels.spmm_arg_backward: perm_t\[2\] = 3 is out of range"):
+        arg = torch.zeros(2, 1, 4, dtype=torch.long)
+        ns.spmm_arg_backward(rowptr, col, rowptr_t, torch.tensor([0, 1, 1]), torch.tensor([0, 1, 3]), None, arg,
+                             x, x, False)
+
+
+def test_spmm_arg_backward_checks_arg_against_the_row():
+    ns = torch.ops.pykernels
+    rowptr, col = _csr()
+    x = torch.randn(2, 1, 4, dtype=torch.float64)
+    arg = torch.zeros(2, 1, 4, dtype=torch.long)  # row 1's edges are 1 and 2: edge 0 is not one of them
+    rowptr_t, col_t, perm_t = torch.tensor([0, 1, 3]), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2])
+    with pytest.raises(IndexError, match=r"pykernels.spmm_arg_backward: arg\[1, 0\] = 0 is out of range: expected "
+                                         r"-1 or an edge of target row 1, in \[1, 3\)"):
+        ns.spmm_arg_backward(rowptr, col, rowptr_t, col_t, perm_t, None, arg, x, x, True)
+
+
 @pytest.mark.xfail(strict=True, reason="R1: pykernels/reference/flow.py with_residual divides by the row sum clamped "
                                        "at the dtype's smallest normal number, so a row summing to a subnormal "
                                        "is not renormalised to 1 (float64 would)")
