@@ -7,7 +7,7 @@ TORCH_LIBRARY(pykernels, m) {
   // CSR order; node features are [N, heads, features]. Differentiable ops also take the transpose
   // (rowptr_t, col_t, perm_t: source-major, perm_t mapping to CSR positions), which only their backward
   // reads; it may be None where no gradient is needed.
-  m.def("coo_to_csr(Tensor row, Tensor col, int num_rows, int num_cols, str context) -> (Tensor, Tensor, Tensor)");
+  m.def("coo_to_csr(Tensor row, Tensor col, SymInt num_rows, SymInt num_cols, str context) -> (Tensor, Tensor, Tensor)");
   // Turns the CSR positions that a max/min spmm reports (arg, -1 for an empty row) into col[arg] in place,
   // `empty` for -1: scatter's positions in its source. In place because the [rows, F] int64 result is
   // larger than what the reduction reads.

@@ -59,6 +59,11 @@ class CSR:
     ``perm[p]`` is the input edge id of CSR position ``p`` and ``inv_perm`` its inverse. ``rowptr_t``/``col_t`` is the source-major
     transpose and ``perm_t[t]`` the CSR position of transpose position ``t``. ``edge_weight`` (optional)
     is stored in CSR order.
+
+    The constructors check the indices they are given. The ops under ``torch.ops.pykernels`` that take
+    ``rowptr``/``col`` (and a backward's transpose) directly check their contents on CPU tensors (an O(E)
+    pass, IndexError naming the op and the array); the CUDA and Triton engines do not (it would cost a
+    device-to-host copy per call), so on GPU tensors the indices must be valid, as a ``CSR`` built here is.
     """
 
     rowptr: torch.Tensor

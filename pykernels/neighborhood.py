@@ -46,7 +46,8 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the window is taken (and shifted at the borders) on that class's sub-grid, as in NATTEN.
     ``rel_pos_bias`` ``[heads, 2*kh - 1, 2*kw - 1]`` is NATTEN's relative position bias, indexed by the
     key's offset from the query in dilated steps; it receives a gradient. ``kernel_size`` (odd) and
-    ``dilation`` are ints or (h, w) pairs, with ``kernel_size * dilation <= (H, W)``.
+    ``dilation`` are ints or (h, w) pairs, with ``kernel_size * dilation <= (H, W)``. A query whose
+    neighbourhood scores are all ``-inf`` outputs zeros, as in :func:`pykernels.fused_attention`.
     """
     spatial = check_grid_qkv(_OP, q, k, v, spatial_shape)
     kernel = int_pair(_OP, "kernel_size", kernel_size, 0)

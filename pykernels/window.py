@@ -90,6 +90,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_
       features before the qkv projection, so there they equal the projection's bias: pass
       ``qkv.bias.view(3, heads, D)[1:]`` to match timm exactly, gradient included. Pad tokens are keys only;
       their outputs are dropped.
+
+    A query whose window scores are all ``-inf`` (a ``-inf`` bias) outputs zeros, as in
+    :func:`pykernels.fused_attention`; timm's softmax gives NaN there.
     """
     op = "pykernels.window_attention"
     spatial = check_grid_qkv(op, q, k, v, spatial_shape)
@@ -141,7 +144,9 @@ def msw_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spatial_shape, sh
     number on the host, so pass ``shift`` explicitly under ``torch.compile(fullgraph=True)``). As in
     HiDiffusion, no roll happens when the vertical shift is 0. With an odd ``H`` or ``W`` HiDiffusion warns
     and resamples the grid bicubically to ``(2 wh, 2 ww)`` and back around the attention; so does this
-    function, which keeps its results identical to HiDiffusion's (and as degraded).
+    function, which keeps its results identical to HiDiffusion's (and as degraded). A query whose window
+    scores are all ``-inf`` outputs zeros, as in :func:`pykernels.fused_attention`; HiDiffusion's softmax gives
+    NaN there.
     """
     op = "pykernels.msw_msa"
     spatial = check_grid_qkv(op, q, k, v, spatial_shape)

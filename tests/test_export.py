@@ -306,10 +306,6 @@ def test_compile_dynamic_with_changing_shapes(name):
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="coo_to_csr's schema (csrc/registration.cpp) takes `int num_rows, int "
-                   "num_cols`, not SymInt: a symbolic node or edge count passed to it is specialised, so "
-                   "graph ops recompile for every graph size under dynamic=True (and export cannot keep an "
-                   "edge count dynamic through scatter, e.g. GATConv/TransformerConv with edge_dim)")
 def test_graph_ops_stay_dynamic_in_the_graph_size():
     fn, calls = COMPILED_OPS["graph_attention"]
     torch._dynamo.reset()

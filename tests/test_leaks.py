@@ -77,9 +77,6 @@ def test_rss_measure_sees_a_leak():
 
 
 @pytest.mark.flow
-@pytest.mark.xfail(strict=True, reason="csrc/flow/maxmin_cpu.cpp keeps its packing scratch in thread_local "
-                   "std::vectors (a_rows, b_rows, best, total, which) that never shrink: after a call each thread "
-                   "that ran it holds its high-water panel (k * n for a per-batch b), outside torch's allocator")
 def test_maxmin_matmul_keeps_no_scratch_after_the_call():
     # In a fresh process: in this one, earlier tests may already have grown the scratch to its high-water mark,
     # and the call below would then add nothing to the resident size.

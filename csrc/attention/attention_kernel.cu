@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
-    inv_sum[r] = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+    inv_sum[r] = row_sum[r] == A(0) ? A(0) : A(1) / row_sum[r];
   }
   store_frag(out, p.out.at(b, h, row0), p.out.row_stride, in.nq - row0, in.dv, inv_sum, lane);
   if (lane.t == 0)
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel
     for (int r = 0; r < 2; ++r)
       if (query[r] < in.nq)
         p.lse[bh * in.nq + query[r]] =
-            row_sum[r] > A(0) ? (row_max[r] + log2_acc(row_sum[r])) * A(kLn2) : A(-INFINITY);
+            row_sum[r] == A(0) ? A(-INFINITY) : (row_max[r] + log2_acc(row_sum[r])) * A(kLn2);
 }
 
 }  // namespace

@@ -49,12 +49,16 @@ at::Tensor acc_buffer(const at::Tensor& like, at::IntArrayRef sizes) {
 
 // Folds one row of scores s[0:width] (masked entries -inf) into its running softmax: rescales the row's
 // output accumulator acc[0:acc_width] when the max grows and leaves exp(s - max) in s, or zeros when the
-// row has seen no finite score yet.
+// row has seen no finite score yet. A NaN score makes the row NaN, as in torch.softmax: with a finite or
+// +inf max, exp(NaN - max) carries it into the sum and the output; the max scan skips NaN, so a tile that
+// looks fully masked is checked for NaN, off the hot path.
 template <typename A>
 inline void fold_row(A* s, int64_t width, OnlineSoftmax<A>& st, A* acc, int64_t acc_width) {
   const A max = std::max(st.max, cpu::max_lanes(s, width));
   if (max == A(-INFINITY)) {
-    std::fill(s, s + width, A(0));
+    const bool nan = std::any_of(s, s + width, [](A x) { return x != x; });
+    if (nan) st.sum = A(NAN);
+    std::fill(s, s + width, nan ? A(NAN) : A(0));
     return;
   }
   if (max > st.max) {

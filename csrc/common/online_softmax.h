@@ -12,7 +12,9 @@ PK_HOST_DEVICE double fast_log(double x) { return log(x); }
 
 // Running max and running sum of exp(score - max), in the accumulation type A (float for fp16/bf16/fp32
 // inputs, double for fp64). A row that never sees a finite score keeps max = -inf and sum = 0, which
-// inv_sum()/lse() turn into a zero output and lse = -inf instead of NaN.
+// inv_sum()/lse() turn into a zero output and lse = -inf instead of NaN. A NaN or +inf score makes the sum
+// NaN (as torch.softmax's row is NaN then), and inv_sum()/lse() pass that NaN on rather than reading it as
+// an empty row.
 template <typename A>
 struct OnlineSoftmax {
   A max = -INFINITY;
@@ -27,9 +29,10 @@ struct OnlineSoftmax {
     }
     if (score > max) {
       const A rescale = fast_exp(max - score);
-      sum = sum * rescale + 1;
+      // exp(score - max) with max = score: 1, except NaN for +inf (inf - inf), the reference's answer.
+      *weight = score == A(INFINITY) ? A(NAN) : A(1);
+      sum = sum * rescale + *weight;
       max = score;
-      *weight = 1;
       return rescale;
     }
     *weight = fast_exp(score - max);
@@ -37,8 +40,8 @@ struct OnlineSoftmax {
     return 1;
   }
 
-  PK_HOST_DEVICE A inv_sum() const { return sum > A(0) ? A(1) / sum : A(0); }
-  PK_HOST_DEVICE A lse() const { return sum > A(0) ? max + fast_log(sum) : A(-INFINITY); }
+  PK_HOST_DEVICE A inv_sum() const { return sum == A(0) ? A(0) : A(1) / sum; }
+  PK_HOST_DEVICE A lse() const { return sum == A(0) ? A(-INFINITY) : max + fast_log(sum); }
 };
 
 // exp(score - lse) with the fully-masked row (lse = -inf) mapped to probability 0.

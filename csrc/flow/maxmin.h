@@ -22,10 +22,12 @@ struct SoftExp {
 };
 
 // The exponent (h - x) / t, clamped; the caller supplies the exponential (vectorised on CPU, __expf on GPU).
-// Written so that a NaN exponent stays NaN (NaN inputs must reach the output).
+// Written so that a NaN exponent stays NaN (NaN inputs must reach the output). x = h gives 0 even when h is
+// infinite, where h - x would be NaN: a pair (+inf, +inf) then weighs like any maximising pair and the
+// product is +inf, and a hard product of -inf gives -inf, as the reference's log-sum-exps do.
 template <typename A>
 PK_HOST_DEVICE A soft_exponent(A hard, A x, A inv_t) {
-  const A e = (hard - x) * inv_t;
+  const A e = hard == x ? A(0) : (hard - x) * inv_t;
   return SoftExp<A>::clamp < e ? SoftExp<A>::clamp : e;
 }
 

@@ -112,9 +112,10 @@ struct Lanes {
   static __attribute__((always_inline)) void load(V& v, const A* p) { v = *reinterpret_cast<const U*>(p); }
   static __attribute__((always_inline)) void store(A* p, const V& v) { *reinterpret_cast<U*>(p) = v; }
 
-  // e = exp(min((h - x) / t, clamp)) lane by lane, see flow/maxmin.h.
+  // e = exp(min((h - x) / t, clamp)) lane by lane, with h = x giving exponent 0; see flow/maxmin.h's
+  // soft_exponent.
   static __attribute__((always_inline)) void soft_exp(V& e, const V& h, const V& x, A inv_t) {
-    e = (h - x) * inv_t;
+    e = h == x ? V{} : (h - x) * inv_t;
     e = flow::SoftExp<A>::clamp < e ? V{} + flow::SoftExp<A>::clamp : e;
     if constexpr (sizeof(A) == 4) {
       cpu::tile::exp_vec(e);
@@ -129,6 +130,14 @@ struct Lanes {
     soft_exp(ey, h, y, inv_t);
     term = A(1) / (ex + ey);
   }
+};
+
+// Buffers of one parallel chunk's tasks, freed when the chunk ends: thread_local ones would keep each
+// thread's high-water panel (16 MiB for a per-batch b with k = n = 2048 in float32) for the process's life.
+template <typename A>
+struct Scratch {
+  std::vector<A> a_rows, b_rows, best, total;
+  std::vector<std::conditional_t<sizeof(A) == 8, int64_t, int32_t>> which;
 };
 
 // ---------------------------------------------------------------------------------------- forward tiles
@@ -214,16 +223,16 @@ struct ForwardTask {
   A* sum;           // soft only
   int32_t* argk;    // hard only
   std::atomic<bool>* saw_nan;  // hard only: packing met a NaN in a or b
+  using Buffers = Scratch<A>;
 
   template <int kBytes>
-  __attribute__((always_inline)) void run(int64_t task) const {
+  __attribute__((always_inline)) void run(int64_t task, Buffers& scratch) const {
     using W = Lanes<A, kBytes>;
     // Two vectors per tile where there are 32 registers (AVX-512); the soft tile also holds its sums.
     constexpr int NV = (kBytes == 64 && !kSoft) ? 2 : 1;
     const int64_t bi = task / row_blocks, i0 = task % row_blocks * kRowBlock;
     const int64_t rows = std::min(kRowBlock, d.m - i0), ldo = b.ldb;
-    thread_local std::vector<A> a_rows, b_rows, best, total;
-    thread_local std::vector<typename W::Idx> which;
+    auto& [a_rows, b_rows, best, total, which] = scratch;
     bool nan = pack_rows(a, bi, i0, rows, d.k, a_rows);
     const A* b_panel = b.per_task ? nullptr : b.row(bi, 0);
     if (b.per_task) {
@@ -265,12 +274,14 @@ struct ForwardTask {
 
 #ifdef PK_TILE_X86
 template <class Task>
-__attribute__((target("avx512f"))) void run_avx512(const Task& task, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) task.template run<64>(t);
+__attribute__((target("avx512f"))) void run_avx512(const Task& task, int64_t begin, int64_t end,
+                                                   typename Task::Buffers& scratch) {
+  for (int64_t t = begin; t < end; ++t) task.template run<64>(t, scratch);
 }
 template <class Task>
-__attribute__((target("avx2,fma"))) void run_avx2(const Task& task, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) task.template run<32>(t);
+__attribute__((target("avx2,fma"))) void run_avx2(const Task& task, int64_t begin, int64_t end,
+                                                  typename Task::Buffers& scratch) {
+  for (int64_t t = begin; t < end; ++t) task.template run<32>(t, scratch);
 }
 #endif
 
@@ -278,14 +289,15 @@ __attribute__((target("avx2,fma"))) void run_avx2(const Task& task, int64_t begi
 template <class Task>
 void parallel_tasks(const Task& task, int64_t tasks, int64_t work_per_task) {
   at::parallel_for(0, tasks, grain_for(tasks, work_per_task), [&](int64_t begin, int64_t end) {
+    typename Task::Buffers scratch;
 #ifdef PK_TILE_X86
     switch (cpu::tile::isa()) {
-      case cpu::tile::Isa::kAvx512: return run_avx512(task, begin, end);
-      case cpu::tile::Isa::kAvx2: return run_avx2(task, begin, end);
+      case cpu::tile::Isa::kAvx512: return run_avx512(task, begin, end, scratch);
+      case cpu::tile::Isa::kAvx2: return run_avx2(task, begin, end, scratch);
       case cpu::tile::Isa::kBase: break;
     }
 #endif
-    for (int64_t t = begin; t < end; ++t) task.template run<16>(t);
+    for (int64_t t = begin; t < end; ++t) task.template run<16>(t, scratch);
   });
 }
 
@@ -454,14 +466,15 @@ struct SoftGradATask {
   int64_t row_blocks;
   A inv_t;
   T* grad_a;
+  using Buffers = Scratch<A>;
 
   template <int kBytes>
-  __attribute__((always_inline)) void run(int64_t task) const {
+  __attribute__((always_inline)) void run(int64_t task, Buffers& scratch) const {
     using W = Lanes<A, kBytes>;
     using V = typename W::V;
     const int64_t bi = task / row_blocks, i0 = task % row_blocks * kRowBlock;
     const int64_t rows = std::min(kRowBlock, d.m - i0);
-    thread_local std::vector<A> a_rows;
+    std::vector<A>& a_rows = scratch.a_rows;
     pack_rows(a, bi, i0, rows, d.k, a_rows);
     const A* h = f.hard.template data_ptr<A>() + (bi * d.m + i0) * f.ldo;
     const A* w = f.weight.template data_ptr<A>() + (bi * d.m + i0) * f.ldo;
@@ -503,9 +516,10 @@ struct SoftGradBTask {
   int64_t col_blocks;
   A inv_t;
   T* grad_b;
+  using Buffers = Scratch<A>;
 
   template <int kBytes>
-  __attribute__((always_inline)) void run(int64_t task) const {
+  __attribute__((always_inline)) void run(int64_t task, Buffers&) const {
     using W = Lanes<A, kBytes>;
     using V = typename W::V;
     constexpr int64_t NV = kColBlock / W::L;

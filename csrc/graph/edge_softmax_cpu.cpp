@@ -17,6 +17,7 @@ at::Tensor edge_softmax_cpu(const at::Tensor& rowptr, const at::Tensor& scores) 
   PK_CHECK_INDEX_TENSOR(op, "rowptr", rowptr);
   PK_CHECK_FLOAT_TENSOR(op, "scores", scores);
   PK_CHECK_DIM(op, "scores", scores, 2);
+  check_rowptr(op, "rowptr", rowptr, scores.size(0), "scores");
   const int64_t num_rows = rowptr.numel() - 1, heads = scores.size(1);
   auto out = at::empty_like(scores);
   const int64_t* rp = rowptr.data_ptr<int64_t>();
@@ -31,12 +32,16 @@ at::Tensor edge_softmax_cpu(const at::Tensor& rowptr, const at::Tensor& scores) 
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<A>::infinity());
         std::fill(sum.begin(), sum.end(), A(0));
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
-          for (int64_t h = 0; h < heads; ++h) mx[h] = std::max(mx[h], A(s[e * heads + h]));
+          for (int64_t h = 0; h < heads; ++h) {
+            // A NaN score makes the max NaN and with it the target's weights, as torch.softmax does.
+            const A x = s[e * heads + h];
+            mx[h] = x > mx[h] || x != x ? x : mx[h];
+          }
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
           for (int64_t h = 0; h < heads; ++h) {
             if (mx[h] != -std::numeric_limits<A>::infinity()) sum[h] += std::exp(A(s[e * heads + h]) - mx[h]);
           }
-        for (int64_t h = 0; h < heads; ++h) sum[h] = sum[h] > A(0) ? A(1) / sum[h] : A(0);
+        for (int64_t h = 0; h < heads; ++h) sum[h] = sum[h] == A(0) ? A(0) : A(1) / sum[h];
         for (int64_t e = rp[i]; e < rp[i + 1]; ++e)
           for (int64_t h = 0; h < heads; ++h)
             o[e * heads + h] = static_cast<scalar_t>(
@@ -55,6 +60,7 @@ at::Tensor edge_softmax_backward_cpu(const at::Tensor& rowptr, const at::Tensor&
   PK_CHECK_FLOAT_TENSOR(op, "probs", probs);
   PK_CHECK_FLOAT_TENSOR(op, "grad", grad);
   TORCH_CHECK(probs.sizes() == grad.sizes() && probs.dim() == 2, op, ": probs and grad must be [E, H]");
+  check_rowptr(op, "rowptr", rowptr, probs.size(0), "probs");
   const int64_t num_rows = rowptr.numel() - 1, heads = probs.size(1);
   auto out = at::empty_like(probs);
   const int64_t* rp = rowptr.data_ptr<int64_t>();

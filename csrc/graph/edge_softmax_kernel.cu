@@ -9,18 +9,18 @@
 namespace pk::cuda {
 namespace {
 
-// The CPU engine's std::max(m, s) never lets a NaN score become the max; the same comparison here keeps
-// every partial NaN-free, so combining partials in any order gives the same max.
+// A NaN score makes the max NaN, and with it the row's weights, as torch.softmax (and the CPU engine) do;
+// a NaN partial stays NaN whichever side it comes from, so combining partials in any order agrees.
 template <typename A>
-__device__ __forceinline__ A max_ignoring_nan(A m, A s) {
-  return m < s ? s : m;
+__device__ __forceinline__ A max_keeping_nan(A m, A s) {
+  return m < s || s != s ? s : m;
 }
 
 template <int G, typename A>
 __device__ __forceinline__ A group_max(const LaneGroup<G>& group, A m) {
 #pragma unroll
   for (int offset = G / 2; offset > 0; offset /= 2)
-    m = max_ignoring_nan(m, __shfl_xor_sync(group.mask, m, offset, G));
+    m = max_keeping_nan(m, __shfl_xor_sync(group.mask, m, offset, G));
   return m;
 }
 
@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kBlockThreads) edge_softmax_kernel(EdgeSoftmax
   const index_t row = item / p.heads, h = item % p.heads, H = p.heads;
   const index_t begin = p.rowptr[row], end = p.rowptr[row + 1];
   A m = -INFINITY;
-  for (index_t e = begin + group.lane; e < end; e += G) m = max_ignoring_nan(m, to_acc(p.scores[e * H + h]));
+  for (index_t e = begin + group.lane; e < end; e += G) m = max_keeping_nan(m, to_acc(p.scores[e * H + h]));
   m = group_max(group, m);
   // A row whose scores are all -inf (or empty) gives zeros, not NaN.
   const bool masked = m == A(-INFINITY);
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kBlockThreads) edge_softmax_kernel(EdgeSoftmax
   if (!masked)
     for (index_t e = begin + group.lane; e < end; e += G) sum += fast_exp(to_acc(p.scores[e * H + h]) - m);
   sum = group.sum(sum);
-  const A inv = sum > A(0) ? A(1) / sum : A(0);
+  const A inv = sum == A(0) ? A(0) : A(1) / sum;
   for (index_t e = begin + group.lane; e < end; e += G)
     p.out[e * H + h] = from_acc<T>((masked ? A(0) : fast_exp(to_acc(p.scores[e * H + h]) - m)) * inv);
 }

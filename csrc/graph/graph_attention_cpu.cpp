@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> graph_attention_cpu(const at::Tensor& rowptr,
                                                        const at::Tensor& v, const std::optional<at::Tensor>& bias,
                                                        double scale) {
   const AttnShapes s = check_attention("pykernels.graph_attention", rowptr, col, q, k, v, bias);
+  check_csr_contents("pykernels.graph_attention", rowptr, col, s.num_cols, "k's row count");
   auto out = at::empty({s.num_rows, s.heads, s.dv}, q.options());
   auto lse = at::empty({s.num_rows, s.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
   PK_DISPATCH_FLOATS(q.scalar_type(), "graph_attention_cpu", [&] {
@@ -112,8 +113,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_attention_backw
     const at::Tensor& perm_t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
     double scale, bool bias_grad) {
-  const AttnShapes s = check_attention_backward("pykernels.graph_attention_backward", rowptr, col, rowptr_t, col_t,
-                                                perm_t, q, k, v, bias, out, lse, grad_out);
+  constexpr const char* op = "pykernels.graph_attention_backward";
+  const AttnShapes s =
+      check_attention_backward(op, rowptr, col, rowptr_t, col_t, perm_t, q, k, v, bias, out, lse, grad_out);
+  check_csr_contents(op, rowptr, col, s.num_cols, "k's row count");
+  check_transpose_contents(op, rowptr_t, col_t, perm_t, s.num_rows, col.numel());
   const int64_t num_edges = col.numel();
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dbias = bias_grad ? at::empty({num_edges, s.heads}, q.options()) : at::empty({0}, q.options());

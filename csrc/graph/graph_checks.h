@@ -1,7 +1,10 @@
 #pragma once
+#include <ATen/Parallel.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <array>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -38,6 +41,68 @@ inline void check_csr(const char* op, const at::Tensor& rowptr, const at::Tensor
   PK_CHECK_DIM(op, "col", col, 1);
   TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have at least one entry");
   PK_CHECK_SAME_DEVICE(op, "col", col, rowptr);
+}
+
+// The contents of index arrays, which the CPU engines use as offsets without further checks: the ops are
+// public (torch.ops.pykernels.*), and a col entry past the node count would read or write out of bounds.
+// O(len) in parallel, a small share of any op that reads a feature row per edge. The CUDA engines do not
+// read their indices back to the host (a synchronisation per call): there the contract is the caller's,
+// as documented on pykernels.CSR, whose constructors produce valid indices.
+
+// Every idx[i] in [lo, bound); `what` says what bound counts.
+inline void check_index_range(const char* op, const char* name, const at::Tensor& idx, int64_t lo, int64_t bound,
+                              const char* what) {
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  const int64_t* d = idx.data_ptr<int64_t>();
+  using Range = std::pair<int64_t, int64_t>;
+  const Range range = at::parallel_reduce(
+      0, n, 1 << 16, Range{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()},
+      [&](int64_t begin, int64_t end, Range r) {
+        for (int64_t i = begin; i < end; ++i) r = {std::min(r.first, d[i]), std::max(r.second, d[i])};
+        return r;
+      },
+      [](Range a, Range b) { return Range{std::min(a.first, b.first), std::max(a.second, b.second)}; });
+  if (range.first >= lo && range.second < bound) return;
+  const int64_t bad = range.first < lo ? range.first : range.second;
+  TORCH_CHECK_INDEX(false, op, ": ", name, "[", std::find(d, d + n, bad) - d, "] = ", bad,
+                    " is out of range: expected values in [", lo, ", ", bound, ") (", what, ")");
+}
+
+// rowptr of a CSR over `edges` entries: starts at 0, non-decreasing, ends at edges.
+inline void check_rowptr(const char* op, const char* name, const at::Tensor& rowptr, int64_t edges,
+                         const char* edges_name) {
+  const int64_t n = rowptr.numel();
+  TORCH_CHECK(n >= 1, op, ": ", name, " must have at least one entry");
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(rp[0] == 0 && rp[n - 1] == edges, op, ": ", name, " must start at 0 and end at ", edges,
+                    " (the length of ", edges_name, "), got ", rp[0], " and ", rp[n - 1]);
+  const int64_t drop = at::parallel_reduce(
+      0, n - 1, 1 << 16, n - 1,
+      [&](int64_t begin, int64_t end, int64_t first) {
+        for (int64_t i = begin; i < end; ++i)
+          if (rp[i] > rp[i + 1]) return std::min(first, i);
+        return first;
+      },
+      [](int64_t a, int64_t b) { return std::min(a, b); });
+  TORCH_CHECK_INDEX(drop == n - 1, op, ": ", name, " must be non-decreasing, got ", name, "[", drop, "] = ",
+                    drop < n - 1 ? rp[drop] : 0, " > ", name, "[", drop + 1, "] = ", drop < n - 1 ? rp[drop + 1] : 0);
+}
+
+// A CSR's contents: rowptr delimits col, whose entries index num_cols source nodes.
+inline void check_csr_contents(const char* op, const at::Tensor& rowptr, const at::Tensor& col, int64_t num_cols,
+                               const char* what) {
+  check_rowptr(op, "rowptr", rowptr, col.numel(), "col");
+  check_index_range(op, "col", col, 0, num_cols, what);
+}
+
+// The transpose that a backward reads: rowptr_t delimits col_t, whose entries index num_rows targets, and
+// perm_t maps its positions to the num_edges CSR positions.
+inline void check_transpose_contents(const char* op, const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                     const at::Tensor& perm_t, int64_t num_rows, int64_t num_edges) {
+  check_rowptr(op, "rowptr_t", rowptr_t, col_t.numel(), "col_t");
+  check_index_range(op, "col_t", col_t, 0, num_rows, "the graph's target count");
+  check_index_range(op, "perm_t", perm_t, 0, num_edges, "the graph's edge count");
 }
 
 // Per-edge values in CSR order: [E, H] (a single head is [E, 1]).

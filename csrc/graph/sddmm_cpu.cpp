@@ -62,6 +62,7 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const std:
               rowptr.numel() - 1, " targets");
   TORCH_CHECK(a.size(1) == b.size(1) && a.size(2) == b.size(2) && a.scalar_type() == b.scalar_type(), op,
               ": a and b must agree in heads, features and dtype");
+  check_csr_contents(op, rowptr, col, b.size(0), "b's row count");
   const int64_t num_rows = a.size(0), heads = a.size(1), feats = a.size(2), hf = heads * feats;
   auto out = at::empty({col.numel(), heads}, a.options());
   const int64_t* rp = rowptr.data_ptr<int64_t>();

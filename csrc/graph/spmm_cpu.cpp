@@ -126,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_cpu(const at::Tensor& rowptr, const at::
   PK_CHECK_DIM(op, "x", x, 3);
   const int64_t num_rows = rowptr.numel() - 1, heads = x.size(1), feats = x.size(2);
   if (weight) check_edge_values(op, "edge_weight", *weight, col.numel(), heads, x.scalar_type());
+  check_csr_contents(op, rowptr, col, x.size(0), "x's row count");
   auto out = at::empty({num_rows, heads, feats}, x.options());
   const bool with_arg = reduce == Reduce::kMax || reduce == Reduce::kMin;
   auto arg = at::empty({with_arg ? num_rows : 0, heads, feats}, x.options().dtype(at::kLong));
@@ -202,6 +203,10 @@ void spmm_arg_backward_impl(const int64_t* rowptr, const int64_t* col, const int
       for (int64_t f = 0; f < hf; ++f) {
         const int64_t e = arg_i[f];
         if (e < 0) continue;
+        // arg is an input of a public op: an entry that is not one of row i's edges would index out of acc.
+        TORCH_CHECK_INDEX(e >= e0 && e < e0 + deg, "pykernels.spmm_arg_backward: arg[", i, ", ", f, "] = ", e,
+                          " is out of range: expected -1 or an edge of target row ", i, ", in [", e0, ", ",
+                          e0 + deg, ")");
         acc[(e - e0) * heads + f / feats] += cpu::to_acc(g_i[f]) * cpu::to_acc(x[col[e] * hf + f]);
       }
       for (int64_t k = 0; k < deg * heads; ++k) grad_w[e0 * heads + k] = static_cast<T>(acc[k]);
@@ -216,8 +221,11 @@ std::tuple<at::Tensor, at::Tensor> spmm_arg_backward_cpu(const at::Tensor& rowpt
                                                          const at::Tensor& arg, const at::Tensor& grad_out,
                                                          const at::Tensor& x, bool weight_grad) {
   // Plain variables, not structured bindings: C++17 lambdas cannot capture the latter.
-  const std::pair<int64_t, int64_t> heads_feats = check_spmm_arg_backward(
-      "pykernels.spmm_arg_backward", rowptr, col, rowptr_t, col_t, perm_t, weight, arg, grad_out, x);
+  constexpr const char* op = "pykernels.spmm_arg_backward";
+  const std::pair<int64_t, int64_t> heads_feats =
+      check_spmm_arg_backward(op, rowptr, col, rowptr_t, col_t, perm_t, weight, arg, grad_out, x);
+  check_csr_contents(op, rowptr, col, x.size(0), "x's row count");
+  check_transpose_contents(op, rowptr_t, col_t, perm_t, rowptr.numel() - 1, col.numel());
   const int64_t heads = heads_feats.first, feats = heads_feats.second;
   const int64_t num_rows = rowptr.numel() - 1, num_cols = rowptr_t.numel() - 1;
   auto grad_x = at::empty_like(x);

@@ -224,8 +224,8 @@ void forward_kernel(const Plan& p, int64_t half_lanes, const at::Tensor& q, cons
         strip_scores(p, st, bh, qs.data(), kt.data_ptr<A>(), rpb, s.data());
         for (int64_t r = 0; r < st.n; ++r) {
           A* row = s.data() + r * p.ld;
-          stats[r].max = cpu::max_lanes(row, p.ld);
-          stats[r].sum = cpu::exp_sum(row, stats[r].max, p.ld);
+          stats[r] = {};
+          flash::fold_row(row, p.ld, stats[r], static_cast<A*>(nullptr), 0);
         }
         for (int64_t t = 0; t < p.d.y.kernel; ++t) {
           const A* values = vp.data_ptr<A>() + (p.block(bh, st.key_row(p, t), st.rx) * p.sub_w + st.c0) * p.dv_pad;

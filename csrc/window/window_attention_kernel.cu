@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
-    inv_sum[r] = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+    inv_sum[r] = row_sum[r] == A(0) ? A(0) : A(1) / row_sum[r];
   }
   scatter_frag(out, p.out, b, h, token, in.dv, inv_sum, lane);
   if (lane.t == 0)
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(ForwardPlan<T, kDim>::kThreads) forward_kernel
     for (int r = 0; r < 2; ++r)
       if (token[r] >= 0)
         p.lse[bh * in.tokens + token[r]] =
-            row_sum[r] > A(0) ? (row_max[r] + log2_acc(row_sum[r])) * A(kLn2) : A(-INFINITY);
+            row_sum[r] == A(0) ? A(-INFINITY) : (row_max[r] + log2_acc(row_sum[r])) * A(kLn2);
 }
 
 // ------------------------------------------------------------------------------------------- backward

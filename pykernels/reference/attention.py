@@ -27,12 +27,17 @@ def attention_scores(q, k, bias=None, causal: bool = False, scale: float | None 
     return s
 
 
-def attention_probs(q, k, bias=None, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """Softmax over keys; rows with no visible key are 0 instead of NaN."""
-    s = attention_scores(q, k, bias, causal, scale)
+def masked_softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; a row whose scores are all -inf (no visible key) is 0 instead of NaN.
+    NaN and +inf scores still make their row NaN, as in torch.softmax."""
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1)
     return p.masked_fill(empty, 0.0)
+
+
+def attention_probs(q, k, bias=None, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Softmax over keys; rows with no visible key are 0 instead of NaN."""
+    return masked_softmax(attention_scores(q, k, bias, causal, scale))
 
 
 def attention(q, k, v, bias=None, causal: bool = False, scale: float | None = None, return_attn_mean: bool = False):

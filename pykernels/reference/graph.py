@@ -63,7 +63,9 @@ def edge_softmax(target, scores, num_targets: int):
     peak = torch.where(peak == float("-inf"), torch.zeros_like(peak), peak).detach()
     e = torch.exp(scores - peak.gather(0, idx))
     total = torch.zeros_like(peak).scatter_add(0, idx, e)
-    return e / torch.where(total > 0, total, torch.ones_like(total)).gather(0, idx)
+    # Only an empty (all -inf) target divides by a stand-in 1; a NaN total (a NaN or +inf score) makes every
+    # weight of the target NaN, as torch.softmax and PyG's softmax do.
+    return e / torch.where(total == 0, torch.ones_like(total), total).gather(0, idx)
 
 
 def graph_attention(target, source, num_targets: int, q, k, v, scale: float, bias=None):

@@ -5,11 +5,14 @@ Along each axis, with dilation ``d``, query ``p`` sees the keys of its own resid
 that class's sub-axis (positions ``r, r + d, r + 2d, ...``) it sees ``kernel`` consecutive positions centred
 on it, shifted inwards where the sub-axis ends (NATTEN's ``get_window_start``). The relative position bias
 ``rpb [heads, 2 kh - 1, 2 kw - 1]`` adds ``rpb[h, (ky - qy) / dh + kh - 1, (kx - qx) / dw + kw - 1]``
-(NATTEN's ``get_pb_start`` plus the window offset). Scores are ``q k^T * scale + rpb``.
+(NATTEN's ``get_pb_start`` plus the window offset). Scores are ``q k^T * scale + rpb``. A query whose scores
+are all -inf outputs zeros, as fused attention's does.
 """
 from __future__ import annotations
 
 import torch
+
+from .attention import masked_softmax
 
 
 def pair(value, name: str = "value") -> tuple[int, int]:
@@ -57,4 +60,4 @@ def neighborhood_attention_2d(q, k, v, spatial_shape, kernel_size, dilation=1, r
     if rpb is not None:
         s = s + relative_position_bias(rpb, spatial_shape, kernel_size, dilation)
     s = s.masked_fill(~neighborhood_mask(spatial_shape, kernel_size, dilation, q.device), float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    return torch.matmul(masked_softmax(s), v)

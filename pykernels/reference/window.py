@@ -9,6 +9,9 @@ normalised (pairs, no clamping to the grid: see ``pykernels.window.swin_window_s
 ``msw_msa`` is HiDiffusion's multi-scale shifted-window attention as ``transformer_block.forward`` in
 hidiffusion/hidiffusion.py does it: a 2 x 2 grid of windows, a roll without any mask, and a bicubic resample
 to ``(2 wh, 2 ww)`` and back when the grid has an odd side.
+
+In both, a query whose scores are all -inf outputs zeros (fused attention's rule) where torch.softmax, and so
+timm and HiDiffusion, give NaN.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .attention import masked_softmax
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -97,7 +102,7 @@ def window_attention(q, k, v, spatial_shape, window, shift, bias_table=None, den
         labels = _partition(shift_regions((hp, wp), window, shift)[..., None], window)[..., 0].to(q.device)
         differ = labels[:, None, :] != labels[:, :, None]
         scores = scores + differ.to(scores.dtype) * SHIFT_MASK_VALUE
-    out = torch.softmax(scores, dim=-1) @ vw
+    out = masked_softmax(scores) @ vw
     out = _reverse(out, window, (hp, wp))[:, :, :height, :width]
     if sh or sw:
         out = torch.roll(out, shifts=(sh, sw), dims=(2, 3))
@@ -134,7 +139,7 @@ def msw_msa(q, k, v, spatial_shape, shift, scale: float | None = None) -> torch.
         return x.transpose(1, 2)
 
     qw, kw, vw = to_windows(q), to_windows(k), to_windows(v)
-    out = torch.softmax(qw @ kw.transpose(-1, -2) * scale, dim=-1) @ vw  # [4B, heads, n, Dv]
+    out = masked_softmax(qw @ kw.transpose(-1, -2) * scale) @ vw  # [4B, heads, n, Dv]
     c = heads * out.size(-1)
     x = out.transpose(1, 2).reshape(b, 2, 2, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * wh, 2 * ww, c)
     if shift[0] > 0:

@@ -101,8 +101,9 @@ def _hard_tile(a_base, b_base, rows, cols, M, N, K, sam, sak, sbk, sbn, ACC: tl.
 
 @triton.jit
 def _soft_exp(h, x, inv_t, CLAMP: tl.constexpr):
-    # Written as a select that keeps a NaN exponent NaN, as csrc/flow/maxmin.h's soft_exponent does.
-    e = (h - x) * inv_t
+    # Written as a select that keeps a NaN exponent NaN, and x = h gives 0 even where h is infinite, as
+    # csrc/flow/maxmin.h's soft_exponent does.
+    e = tl.where(h == x, 0.0, (h - x) * inv_t)
     return tl.exp(tl.where(CLAMP < e, CLAMP, e))
 
 

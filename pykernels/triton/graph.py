@@ -340,8 +340,9 @@ def _edge_softmax_kernel(rowptr_ptr, s_ptr, out_ptr, H, ACC: tl.constexpr, BLOCK
         shift = tl.where(new == float("-inf"), 0.0, new)
         total = total * tl.exp(mx - shift) + tl.sum(tl.exp(s - shift[None, :]), axis=0)
         mx = new
-    # Dividing by a stand-in 1 on dead lanes keeps inf and NaN out of the discarded branch.
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    # Dividing by a stand-in 1 on dead lanes keeps inf out of the discarded branch; a NaN total (a NaN or +inf
+    # score) stays NaN and makes the head's weights NaN, as torch.softmax's.
+    inv = tl.where(total != 0, 1.0 / tl.where(total != 0, total, 1.0), 0.0)
     shift = tl.where(mx == float("-inf"), 0.0, mx)
     # Pass 2: normalise. An all -inf head has total 0, hence inv 0 and zeros.
     for e0 in range(start, end, BLOCK_E):
@@ -453,8 +454,9 @@ def _attention_fwd_kernel(rowptr_ptr, col_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, ou
                     other=0.0).to(ACC)
         acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
         mx = new
-    # A row without a finite score (no edges, or only -inf biases) gets output 0 and lse -inf.
-    live = total > 0
+    # A row without a finite score (no edges, or only -inf biases) gets output 0 and lse -inf; a NaN total (a
+    # NaN or +inf score) gives NaN for both, as the reference does.
+    live = total != 0
     safe = tl.where(live, total, 1.0)  # keeps inf and NaN out of the discarded branch
     tl.store(out_ptr + ih * DV + dv, (acc * tl.where(live, 1.0 / safe, 0.0)).to(out_ptr.dtype.element_ty),
              mask=dv_mask)

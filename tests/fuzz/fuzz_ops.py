@@ -16,7 +16,7 @@ from fuzz_flow import (_build_flow, _build_max_flow, _build_max_flow_layered, _b
 from fuzz_graph import (GRAPH_INVALID, _build_csr, _build_edge_softmax, _build_graph_attention, _build_scatter,
                         _build_sddmm, _build_spmm, _csr_params, _graph_params, _scatter_params)
 from fuzz_nn import _nn_builder, _nn_params
-from fuzz_spec import C1, C1M1, C2, C3, OpSpec
+from fuzz_spec import OpSpec
 
 
 def _spec(public, params, build, invalid=(), **kw):
@@ -34,34 +34,34 @@ NN_BUDGET = {"cpu": 24}
 
 OPS = {
     "fused_attention": _spec("pykernels.fused_attention", _attention_params, _build_attention, ATTN_INVALID,
-                             budget={"cpu": 360, "triton": 12}, known=C1),
+                             budget={"cpu": 360, "triton": 12}),
     "window_attention": _spec("pykernels.window_attention", _window_params, _build_window,
                               ("window_zero", "window_float", "shift_ge_window", "shift_negative", "spatial_mismatch",
                                "bias_shape", "pad_kv_shape", "scale_str", "k_shape", "q_int"),
-                              budget={"cpu": 300, "triton": 10}, known=C1M1),
+                              budget={"cpu": 300, "triton": 10}),
     "msw_msa": _spec("pykernels.msw_msa", _msw_params, _build_msw,
                      ("shift_ge_window", "shift_negative", "spatial_mismatch", "spatial_zero"),
-                     budget={"cpu": 150, "triton": 6}, known=C1M1),
+                     budget={"cpu": 150, "triton": 6}),
     "neighborhood_attention_2d": _spec("pykernels.neighborhood_attention_2d", _na_params, _build_na,
                                        ("kernel_even", "kernel_larger_than_map", "dilation_zero", "kernel_negative",
                                         "rpb_shape", "spatial_mismatch", "v_tokens"),
-                                       budget={"cpu": 300, "triton": 10}, known=C1M1),
+                                       budget={"cpu": 300, "triton": 10}),
     "maxmin_matmul": _spec("pykernels.maxmin_matmul", _maxmin_params, _build_maxmin, FLOW_INVALID,
                            budget={"cpu": 300, "triton": 10}),
     "soft_maxmin_matmul": _spec("pykernels.soft_maxmin_matmul", _maxmin_params,
                                 lambda c, m: _build_maxmin(c, m, soft=True), SOFT_INVALID,
-                                budget={"cpu": 300, "triton": 10}, known=C2),
+                                budget={"cpu": 300, "triton": 10}),
     # Maps hold no subnormal draws: known defect R1 (reference/flow.py with_residual clamps a row's sum at the
     # dtype's smallest normal, so a row summing to a subnormal is not renormalised to 1; pinned in
     # test_fuzz_regressions).
     "attention_flow": _spec("pykernels.attention_flow", _flow_params, _build_flow,
                             MAPS_INVALID + ("mode", "tau_zero", "exact_negative"), budget={"cpu": 180, "triton": 6},
-                            known=C2, values=NO_SUBNORMALS),
+                            values=NO_SUBNORMALS),
     "attention_rollout": _spec("pykernels.attention_rollout", _flow_params, _build_rollout, MAPS_INVALID,
                                engines=("reference",), budget={"reference": 120}, values=NO_SUBNORMALS),
     "st_flow": _spec("pykernels.st_flow", _st_flow_params, _build_st_flow,
                      ("temporal_frames", "cross_1d", "tau_negative", "cross_int", "temporal_dtype"),
-                     budget={"cpu": 180, "triton": 6}, known=C2),
+                     budget={"cpu": 180, "triton": 6}),
     "max_flow": _spec("pykernels.max_flow", _max_flow_params, _build_max_flow,
                       ("capacity_negative", "capacity_nan", "capacity_inf", "capacity_int", "capacity_length",
                        "source_eq_sink", "source_range", "sink_negative", "num_nodes_small", "edge_negative",
@@ -90,7 +90,7 @@ OPS = {
                           + ("scores_length", "scores_int", "no_num_targets"), budget={"cpu": 240, "triton": 8}),
     "graph_attention": _spec("pykernels.graph_attention", _graph_params, _build_graph_attention,
                              GRAPH_INVALID + ("kv_rows", "bias_length", "k_dim", "scale_str"),
-                             budget={"cpu": 300, "triton": 8}, known=C3),
+                             budget={"cpu": 300, "triton": 8}),
 }
 for _layer in ("MultiheadAttention", "GCNConv", "GATConv", "SAGEConv", "TransformerConv", "WindowAttention",
                "SwinBlock", "MSWMSA"):
