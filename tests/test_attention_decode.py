@@ -138,3 +138,11 @@ def test_split_nan_in_values_propagates_like_the_reference():
     v[0, 0, 650, 3] = float("nan")  # in the last chunk only
     out = pk.fused_attention(q, k, v)
     assert torch.equal(out.isnan(), ref.attention(q, k, v).isnan())
+
+
+@pytest.mark.parametrize("b, h, nq", [(0, 2, 1), (2, 2, 0)])
+def test_empty_calls_with_few_queries(b, h, nq):
+    # Shapes the split would take were they not empty (found by the fuzz: batch 0 divided by zero there).
+    q, k, v = torch.randn(b, h, nq, 8), torch.randn(b, h, 700, 8), torch.randn(b, h, 700, 8)
+    out = pk.fused_attention(q, k, v)
+    assert out.shape == (b, h, nq, 8)

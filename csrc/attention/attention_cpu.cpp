@@ -338,7 +338,8 @@ int64_t visible_keys(const AttentionDims& d, bool causal) { return causal ? std:
 // of 64 keys (D 40) run as fast either way. Past kFewRows rows, with fewer than kFewTasks tasks over at least
 // two chunks of keys, the packed engine runs a single head of 200 queries x 8192 keys on 4 threads at most.
 bool split_keys(const AttentionDims& d, bool causal) {
-  if (d.nq == 0 || d.nk == 0) return false;
+  // Empty calls stay with the packed engine, which returns before cutting anything (KeySplit divides by them).
+  if (d.batch == 0 || d.heads == 0 || d.nq == 0 || d.nk == 0) return false;
   if (d.group() * d.nq <= kFewRows) return true;
   const int64_t tasks = d.batch * d.heads * ((d.nq + kBlockQ - 1) / kBlockQ);
   return tasks < kFewTasks && visible_keys(d, causal) >= 2 * kMinChunkKeys;
