@@ -197,6 +197,7 @@ struct State {
   unsigned char* device_arena = nullptr;
   size_t device_used = 0;
   std::map<uintptr_t, Allocation> allocations;
+  std::map<uintptr_t, int> registrations;  // register_device_buffer calls not yet undone, per buffer
 
   std::unordered_map<uintptr_t, std::unique_ptr<ShadowCell[]>> shadow;
   uintptr_t shadow_cached_page = ~uintptr_t(0);
@@ -941,8 +942,11 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
   return cudaSuccess;
 }
 
+// The allocation table is shared by every thread that calls the engine, and launches read it: its writers take the
+// launch lock, so no thread changes it while another's kernel runs or another writer is midway.
 void* device_alloc(size_t bytes) {
   State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
   if (!s.device_arena) {
     void* mem = mmap(nullptr, kDeviceArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                      -1, 0);
@@ -959,6 +963,7 @@ void* device_alloc(size_t bytes) {
 
 void device_free(void* ptr) {
   State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
   auto it = s.allocations.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == s.allocations.end() || !it->second.arena) return;
   it->second.live = false;
@@ -968,11 +973,24 @@ void device_free(void* ptr) {
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
+// Counted across threads: threads calling ops on the same tensor register its storage once each, and it stays
+// known until the last of them is done.
 void register_device_buffer(const void* ptr, size_t bytes) {
-  state().allocations[reinterpret_cast<uintptr_t>(ptr)] = {bytes, true, false};
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
+  const auto key = reinterpret_cast<uintptr_t>(ptr);
+  if (s.registrations[key]++ == 0) s.allocations[key] = {bytes, true, false};
 }
 
-void unregister_device_buffer(const void* ptr) { state().allocations.erase(reinterpret_cast<uintptr_t>(ptr)); }
+void unregister_device_buffer(const void* ptr) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
+  const auto key = reinterpret_cast<uintptr_t>(ptr);
+  auto it = s.registrations.find(key);
+  if (it == s.registrations.end() || --it->second > 0) return;
+  s.registrations.erase(it);
+  s.allocations.erase(key);
+}
 
 std::map<std::string, uint64_t> launch_counts() {
   State& s = state();
