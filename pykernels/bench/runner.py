@@ -79,25 +79,17 @@ class _Progress:
 
 
 def _measure(fn, device, min_run_time):
-    try:
-        timing = time_fn(fn, device, min_run_time)
-        peak = peak_memory_mb(fn, device)
-        return timing, peak, None
-    except (RuntimeError, MemoryError) as exc:  # an OOM or unsupported baseline is a result, not a crash
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, None, first_line[:120]
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return _measure_interleaved({"": fn}, device, min_run_time, timer=lambda fns, d, t: [time_fn(fns[0], d, t)])[""]
 
 
-def _measure_interleaved(providers: dict, device, min_run_time) -> dict:
+def _measure_interleaved(providers: dict, device, min_run_time, timer=time_interleaved) -> dict:
+    """{provider: (timing, peak MiB, None)}, or (None, None, why) for each when the measurement fails: an OOM or
+    an unsupported baseline is a result, not a crash, and the providers of one interleaved run share it."""
     try:
-        timings = time_interleaved(list(providers.values()), device, min_run_time)
+        timings = timer(list(providers.values()), device, min_run_time)
         return {name: (timing, peak_memory_mb(fn, device), None)
                 for (name, fn), timing in zip(providers.items(), timings)}
-    except (RuntimeError, MemoryError) as exc:  # as in _measure; the pair is one measurement
+    except (RuntimeError, MemoryError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return {name: (None, None, first_line[:120]) for name in providers}
     finally:
