@@ -48,7 +48,9 @@ def with_residual(a: torch.Tensor, residual: float) -> torch.Tensor:
     if residual:
         eye = torch.eye(a.size(-2), a.size(-1), dtype=a.dtype, device=a.device)
         a = (1 - residual) * a + residual * eye
-    return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    row_sum = a.sum(-1, keepdim=True)
+    # Only an exact 0 is left alone: a subnormal row sum still divides, or the row would not sum to 1.
+    return a / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
 
 
 def attention_rollout(maps, residual: float = 0.5) -> torch.Tensor:

@@ -29,7 +29,6 @@ FLOW_INVALID = ("a_int", "b_dtype", "a_1d", "inner_mismatch", "inner_zero", "bat
 SOFT_INVALID = FLOW_INVALID + ("tau_zero", "tau_negative", "tau_nan", "tau_inf", "tau_tensor")
 MAPS_INVALID = ("residual_range", "maps_empty", "maps_chain", "maps_int", "maps_dtype_mixed", "maps_1d")
 CPU_ONLY = ("cpu",)
-NO_SUBNORMALS = ("normal", "nan", "inf", "huge", "large")
 NN_BUDGET = {"cpu": 24}
 
 OPS = {
@@ -51,14 +50,10 @@ OPS = {
     "soft_maxmin_matmul": _spec("pykernels.soft_maxmin_matmul", _maxmin_params,
                                 lambda c, m: _build_maxmin(c, m, soft=True), SOFT_INVALID,
                                 budget={"cpu": 300, "triton": 10}),
-    # Maps hold no subnormal draws: known defect R1 (reference/flow.py with_residual clamps a row's sum at the
-    # dtype's smallest normal, so a row summing to a subnormal is not renormalised to 1; pinned in
-    # test_fuzz_regressions).
     "attention_flow": _spec("pykernels.attention_flow", _flow_params, _build_flow,
-                            MAPS_INVALID + ("mode", "tau_zero", "exact_negative"), budget={"cpu": 180, "triton": 6},
-                            values=NO_SUBNORMALS),
+                            MAPS_INVALID + ("mode", "tau_zero", "exact_negative"), budget={"cpu": 180, "triton": 6}),
     "attention_rollout": _spec("pykernels.attention_rollout", _flow_params, _build_rollout, MAPS_INVALID,
-                               engines=("reference",), budget={"reference": 120}, values=NO_SUBNORMALS),
+                               engines=("reference",), budget={"reference": 120}),
     "st_flow": _spec("pykernels.st_flow", _st_flow_params, _build_st_flow,
                      ("temporal_frames", "cross_1d", "tau_negative", "cross_int", "temporal_dtype"),
                      budget={"cpu": 180, "triton": 6}),
