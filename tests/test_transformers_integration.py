@@ -235,6 +235,17 @@ def test_accelerate_switches_and_restore_switches_back():
     assert dict(report.calls) == {SERVED: 2}
 
 
+def test_accelerated_fallback_to_sdpa_is_counted_once():
+    # The interface hands the call to transformers' SDPA code, whose F.scaled_dot_product_attention call the
+    # accelerated forward's route sees: that route alone counts it.
+    model = transformers.AutoModel.from_config(_bert_config(attention_probs_dropout_prob=0.3),
+                                               attn_implementation="sdpa").double().train()
+    before = pkt.calls.copy()
+    report = pk.accelerate(model)
+    model(input_ids=_ids(2, 6), attention_mask=_padding([6, 4], 6))
+    assert dict(report.calls) == {("sdpa", "dropout_p > 0"): 2} and pkt.calls == before
+
+
 def test_accelerate_a_model_inside_a_user_module():
     torch.manual_seed(0)
     wrapper = torch.nn.Sequential(transformers.AutoModel.from_config(_vit_config(), attn_implementation="eager"))

@@ -111,7 +111,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     reason = (unserved and f"{unserved} argument") or _unserved_reason(
         query, key, value, attention_mask, dropout, causal, True, "auto")
     if reason is not None:
-        _record(reason + ": sdpa")
+        mode = _active_sdpa_mode()
+        if mode is None or not mode.route_sdpa:
+            # Else accelerate's route sees the SDPA call made below and counts it (once) with its own reason.
+            _record(reason + ": sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if causal and key.size(2) > q_length:
