@@ -94,7 +94,8 @@ def _decoding(prefill_build):
         model, prefill = prefill_build(device, quick)
         args, kwargs = prefill()
         with torch.no_grad():
-            cache = model(*args, **{**kwargs, "use_cache": True}).past_key_values
+            # Not .past_key_values: transformers 5.25 logs a deprecation warning for it, into the report.
+            cache = model(*args, **{**kwargs, "use_cache": True}).cache
         prompt = cache.get_seq_length()
         token = kwargs["input_ids"][:, -1:]
 
