@@ -77,8 +77,22 @@ def test_interleaved_timing_alternates_and_reverses_the_order_each_round():
     from pykernels.bench.timing import time_interleaved
 
     calls = []
-    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 0.0)
-    assert calls[:2] == ["a", "b"]  # one warm-up call each
-    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]
-    assert len(rounds) == 5 and rounds[:3] == [["a", "b"], ["b", "a"], ["a", "b"]]
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    # Warm call times given: a per-call time of 0.1 s against 0.25 s blocks makes blocks of 2 calls for "a", 1 for
+    # "b", and a round of 0.3 s; 0.5 s of timing is then 5 rounds (the least).
+    timings = time_interleaved(fns, torch.device("cpu"), 0.0, per_call=[0.1, 0.3], block_s=0.25)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 5 and rounds[:3] == [["a", "a", "b"], ["b", "a", "a"], ["a", "a", "b"]]
     assert len(timings) == 2 and all(t.p20_ms <= t.median_ms <= t.p80_ms for t in timings)
+
+
+def test_a_failing_baseline_leaves_the_others_timed():
+    from pykernels.bench.runner import _measure
+
+    def out_of_memory():
+        raise RuntimeError("out of memory: 40 GiB wanted\nmore detail")
+
+    results = _measure({"ours": lambda: torch.ones(3), "theirs": out_of_memory}, torch.device("cpu"), 0.0, False)
+    assert list(results) == ["ours", "theirs"]
+    assert results["ours"][0] is not None and results["ours"][2] is None
+    assert results["theirs"] == (None, None, "out of memory: 40 GiB wanted")

@@ -20,8 +20,8 @@ class Case:
     # Run once before timing: (largest |pykernels output - baseline output|, what pykernels served), shown beside
     # pykernels' row. For end-to-end cases, where a speed-up must come with the same results.
     check: Callable[[], tuple[float, str]] | None = None
-    # Time the providers in alternation (timing.time_interleaved): for calls of a second or so, where load drift
-    # between two back-to-back measurements would otherwise show up as a speed-up or a slow-down.
+    # Time the providers in alternation (timing.time_interleaved) on CUDA too, as every case is on the CPU: for
+    # whole models, whose host-side work drifts with the load as much as a CPU run does.
     interleave: bool = False
 
 

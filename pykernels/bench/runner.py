@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .._info import info
-from .timing import peak_memory_mb, time_fn, time_interleaved
+from .timing import peak_memory_mb, time_fn, time_interleaved, warm_up
 
 FAMILIES = ("models", "graph", "attention", "flow", "window")
 
@@ -64,12 +64,12 @@ class _Progress:
             self._bar = None
         self._total, self._done, self._desc = total, 0, desc
 
-    def step(self, label: str, count: int = 1) -> None:
-        """Announces the next measurement, which covers ``count`` providers."""
-        self._done += count
+    def step(self, label: str) -> None:
+        """Announces the next case, whose providers are measured together."""
+        self._done += 1
         if self._bar is not None:
             self._bar.set_postfix_str(label[:60])
-            self._bar.update(count)
+            self._bar.update(1)
         else:
             print(f"[{self._desc} {self._done}/{self._total}] {label}", file=sys.stderr, flush=True)
 
@@ -78,42 +78,60 @@ class _Progress:
             self._bar.close()
 
 
-def _measure(fn, device, min_run_time):
-    return _measure_interleaved({"": fn}, device, min_run_time, timer=lambda fns, d, t: [time_fn(fns[0], d, t)])[""]
+def _failure(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:120]
 
 
-def _measure_interleaved(providers: dict, device, min_run_time, timer=time_interleaved) -> dict:
-    """{provider: (timing, peak MiB, None)}, or (None, None, why) for each when the measurement fails: an OOM or
-    an unsupported baseline is a result, not a crash, and the providers of one interleaved run share it."""
+def _measure(providers: dict, device, min_run_time, interleave: bool) -> dict:
+    """{provider: (timing, peak MiB, None)}, or (None, None, why) for a provider whose measurement fails: an OOM or
+    an unsupported baseline is a result, not a crash, and the others are still timed.
+
+    On the CPU (and where the case asks for it) the providers are timed in alternation
+    (:func:`~pykernels.bench.timing.time_interleaved`), so that load drift does not enter their ratios; on CUDA
+    each on its own with CUDA events (:func:`~pykernels.bench.timing.time_fn`)."""
+    results, timings = {}, {}
     try:
-        timings = timer(list(providers.values()), device, min_run_time)
-        return {name: (timing, peak_memory_mb(fn, device), None)
-                for (name, fn), timing in zip(providers.items(), timings)}
-    except (RuntimeError, MemoryError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {name: (None, None, first_line[:120]) for name in providers}
+        if interleave or device.type != "cuda":
+            warm = {}
+            for name, fn in providers.items():
+                try:
+                    warm[name] = warm_up(fn, device)
+                except (RuntimeError, MemoryError) as exc:
+                    results[name] = (None, None, _failure(exc))
+            try:
+                measured = time_interleaved([providers[n] for n in warm], device, min_run_time, list(warm.values()))
+                timings = dict(zip(warm, measured))
+            except (RuntimeError, MemoryError) as exc:
+                results.update({name: (None, None, _failure(exc)) for name in warm})
+        else:
+            for name, fn in providers.items():
+                try:
+                    timings[name] = time_fn(fn, device, min_run_time)
+                except (RuntimeError, MemoryError) as exc:
+                    results[name] = (None, None, _failure(exc))
+        for name, timing in timings.items():
+            try:
+                results[name] = (timing, peak_memory_mb(providers[name], device), None)
+            except (RuntimeError, MemoryError) as exc:
+                results[name] = (None, None, _failure(exc))
     finally:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return {name: results[name] for name in providers}
 
 
 def run_family(name: str, device: torch.device, quick: bool, min_run_time: float,
                match: list[str] | None = None) -> list[dict]:
     family = _load_family(name)
     cases = [c for c in family.cases(device, quick) if not match or any(text in c.name for text in match)]
-    progress = _Progress(sum(len(c.providers) for c in cases), name)
+    progress = _Progress(len(cases), name)
     rows = []
     for case in cases:
         checked = case.check() if case.check is not None else None
-        if case.interleave:
-            progress.step(f"{case.name} [{case.mode}] {' vs '.join(case.providers)}", len(case.providers))
-            results = _measure_interleaved(case.providers, device, min_run_time)
-        else:
-            results = {}
-            for provider, fn in case.providers.items():
-                progress.step(f"{case.name} [{case.mode}] {provider}")
-                results[provider] = _measure(fn, device, min_run_time)
+        progress.step(f"{case.name} [{case.mode}] {' vs '.join(case.providers)}")
+        results = _measure(case.providers, device, min_run_time, case.interleave)
         ours_name = next(iter(case.providers))
         ours = results[ours_name][0]
         for provider, (timing, peak, error) in results.items():

@@ -78,29 +78,51 @@ def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
     return _summary(times)
 
 
-def time_interleaved(fns: list, device: torch.device, min_run_time: float) -> list[Timing]:
-    """Timings of slow calls (whole models) taken in alternation, one call of each per round, with the order
-    reversed every other round: on a shared or throttling machine the load drifts over seconds, and timing
-    one provider after the other puts that drift into their ratio. 5 to 25 rounds (3 when one round takes over
-    20 s: a UNet at 1024² on a laptop CPU), about ``2 * min_run_time`` in all, after one warm-up call each."""
-    firsts = []
-    for fn in fns:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        firsts.append(time.perf_counter() - start)
-    round_s = max(sum(firsts), 1e-9)
-    rounds = min(25, max(5 if round_s < 20 else 3, int(2 * min_run_time / round_s)))
+# On the CPU an interleaved sample is a block of calls lasting about this long, so that a call of a tenth of a
+# millisecond is not measured against the timer's own cost.
+BLOCK_S = 0.01
+
+
+def _timed_call(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def warm_up(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes once warm: a first call warms caches, allocator and thread pool and is
+    not used, unless it took over a second (a whole model), which is warm enough and not worth repeating."""
+    first = _timed_call(fn, device)
+    return first if first >= 1.0 else _timed_call(fn, device)
+
+
+def time_interleaved(fns: list, device: torch.device, min_run_time: float, per_call: list[float] | None = None,
+                     block_s: float = BLOCK_S) -> list[Timing]:
+    """Timings taken in alternation: each round times one sample of every provider, in an order reversed every
+    other round. On a shared or throttling machine the load drifts over seconds; timing one provider after the
+    other puts that drift into their ratio, timing them in turn spreads it over all of them.
+
+    A sample is one call, or on the CPU a block of calls of about ``block_s`` (its mean). 5 to 25 rounds of
+    about ``max(2 * min_run_time, 0.5)`` seconds in all (3 rounds when one takes over 20 s: a UNet at 1024² on a
+    laptop CPU). ``per_call``: each provider's warm call time (:func:`warm_up`), measured here when not given."""
+    per_call = per_call if per_call is not None else [warm_up(fn, device) for fn in fns]
+    cpu = device.type != "cuda"
+    blocks = [max(1, int(block_s / max(t, 1e-9))) if cpu else 1 for t in per_call]
+    round_s = max(sum(n * t for n, t in zip(blocks, per_call)), 1e-9)
+    rounds = min(25, max(5 if round_s < 20 else 3, int(max(2 * min_run_time, 0.5) / round_s)))
     times = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
+            fn, n = fns[i], blocks[i]
             _sync(device)
             start = time.perf_counter()
-            fns[i]()
+            for _ in range(n):
+                fn()
             _sync(device)
-            times[i].append((time.perf_counter() - start) * 1e3)
+            times[i].append((time.perf_counter() - start) * 1e3 / n)
     return [_summary(t) for t in times]
 
 
