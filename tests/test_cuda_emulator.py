@@ -99,6 +99,17 @@ def test_emulated_driver(driver, build_dir):
         assert not missing, f"detector cases missing: {missing}"
 
 
+def test_watchdog_ends_a_block_that_never_returns_to_the_emulator(build_dir):
+    # A loop without memory accesses or barriers never reaches the launch timeout's check; without the watchdog
+    # this case hangs the process for good.
+    binary = _build_driver("detectors", build_dir)
+    proc = subprocess.run([str(binary), "watchdog_ends_an_access_free_loop"], capture_output=True, text=True,
+                          env=dict(os.environ, PK_EMU_TIMEOUT_S="1"), timeout=60)
+    assert proc.returncode != 0 and "PASS" not in proc.stdout and "FAIL" not in proc.stdout
+    assert re.search(r"kernel .*register_loop_kernel\(int\*\), block \(0,0,0\), has run [23] s without a memory access",
+                     proc.stderr), proc.stderr
+
+
 def test_launch_counts_record_the_kernels_an_emulated_op_launches():
     # The record behind tools/check_cuda_kernels.py --launch-coverage (PYKERNELS_EMU_LAUNCHES, tests/conftest.py).
     import torch

@@ -8,6 +8,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <link.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include <mutex>
 #include <set>
 #include <sstream>
+#include <thread>
 #include <unordered_map>
 
 #if !defined(__x86_64__)
@@ -430,6 +432,68 @@ void check_timeout() {
            nullptr, true);
 }
 
+// check_timeout runs where a thread accesses memory or waits at a barrier. A block stuck in a loop that does
+// neither never comes back to it, and no fiber that never yields can be unwound: the watchdog thread then ends
+// the process, naming the kernel and block, rather than leaving the run hung. It waits twice the launch timeout,
+// so that a block that does reach check_timeout gets its ordinary timeout finding first.
+struct Watchdog {
+  std::mutex mutex;
+  bool running = false;
+  std::string kernel;
+  dim3 block;
+  std::chrono::steady_clock::time_point since;
+  double limit_s = 0;
+  // The process whose watchdog thread runs: a forked child (the fuzz's workers) has none until it starts its own.
+  pid_t watched_pid = 0;
+};
+
+Watchdog& watchdog() {
+  // Never destroyed: its thread outlives static destruction. A fork holds the mutex, so that a child never
+  // inherits it locked by the watchdog thread, which the child does not have.
+  static Watchdog* w = [] {
+    auto* created = new Watchdog;
+    pthread_atfork([] { watchdog().mutex.lock(); }, [] { watchdog().mutex.unlock(); },
+                   [] { watchdog().mutex.unlock(); });
+    return created;
+  }();
+  return *w;
+}
+
+[[noreturn]] void watch_blocks() {
+  Watchdog& w = watchdog();
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    std::lock_guard<std::mutex> lock(w.mutex);
+    if (!w.running) continue;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - w.since).count();
+    if (elapsed <= w.limit_s) continue;
+    std::fprintf(stderr,
+                 "pykernels CUDA emulator: kernel %s, block (%u,%u,%u), has run %.0f s without a memory access or a "
+                 "barrier, where the launch timeout (PK_EMU_TIMEOUT_S) is checked: an endless loop. Ending the "
+                 "process.\n",
+                 w.kernel.c_str(), w.block.x, w.block.y, w.block.z, elapsed);
+    std::fflush(stderr);
+    std::abort();
+  }
+}
+
+void watch_block(bool running) {
+  State& s = state();
+  Watchdog& w = watchdog();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (w.watched_pid != getpid()) {
+    w.watched_pid = getpid();
+    std::thread(watch_blocks).detach();
+  }
+  w.running = running;
+  if (running) {
+    w.kernel = s.kernel_name;
+    w.block = s.block_idx;
+    w.since = s.block_start;
+    w.limit_s = 2 * s.timeout_s;
+  }
+}
+
 std::string site(const char* file, int line) { return std::string(file) + ":" + std::to_string(line); }
 
 // Releases the block barrier once every thread that has not exited waits at it.
@@ -572,6 +636,7 @@ void run_block() {
     f.wait = Wait::kNone;
     make_context(f.context, f.stack, s.stack_bytes, &fiber_main, &f);
   }
+  watch_block(true);
   t_in_block = true;
   for (;;) {
     bool progress = false, live = false;
@@ -594,6 +659,7 @@ void run_block() {
     }
   }
   t_in_block = false;
+  watch_block(false);
 }
 
 void ensure_fibers(size_t threads) {

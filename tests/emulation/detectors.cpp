@@ -330,6 +330,19 @@ EMU_CASE(deadlock_spin_times_out) {
   expect_finding("timeout", {"spin_kernel", "PK_EMU_TIMEOUT_S"});
 }
 
+// No access the emulator sees (a local that does not escape is not instrumented), so the loop never reaches
+// check_timeout; volatile keeps the compiler from deleting it.
+__global__ void register_loop_kernel(int*) {
+  volatile unsigned x = threadIdx.x;
+  for (;;) x = x * 3 + 1;
+}
+
+EMU_CASE_ALONE(watchdog_ends_an_access_free_loop) {
+  DeviceBuffer<int> out(32);
+  PK_LAUNCH(1, 32, 0, nullptr, register_loop_kernel)(out.ptr);
+  check(false, "the launch returned; the watchdog should have ended the process");
+}
+
 // ------------------------------------------------------------------------------------------ launch checks
 
 __global__ void touch_kernel(int* out) {

@@ -1,5 +1,6 @@
 // Helpers of the emulator's test drivers: device buffers the checks know, and a registry of named cases that
-// main() runs one at a time (`driver CASE`) or all (`driver`), printing PASS/FAIL lines.
+// main() runs one at a time (`driver CASE`) or all (`driver`), printing PASS/FAIL lines. A case declared with
+// EMU_CASE_ALONE ends the process by design and runs only when named.
 #pragma once
 #include <cstdio>
 #include <cstdlib>
@@ -80,23 +81,30 @@ inline void expect_clean() {
   if (!findings.empty()) throw Failure{"expected no findings; got:" + describe(findings)};
 }
 
-inline std::map<std::string, std::function<void()>>& cases() {
-  static std::map<std::string, std::function<void()>> all;
+struct Case {
+  std::function<void()> fn;
+  bool alone;
+};
+
+inline std::map<std::string, Case>& cases() {
+  static std::map<std::string, Case> all;
   return all;
 }
 
 struct Register {
-  Register(const char* name, std::function<void()> fn) { cases().emplace(name, std::move(fn)); }
+  Register(const char* name, std::function<void()> fn, bool alone = false) {
+    cases().emplace(name, Case{std::move(fn), alone});
+  }
 };
 
 inline int run_main(int argc, char** argv) {
   int failed = 0, ran = 0;
-  for (const auto& [name, fn] : cases()) {
-    if (argc > 1 && name != argv[1]) continue;
+  for (const auto& [name, c] : cases()) {
+    if (argc > 1 ? name != argv[1] : c.alone) continue;
     ++ran;
     try {
       pk::emu::take_findings();
-      fn();
+      c.fn();
       std::printf("PASS %s\n", name.c_str());
     } catch (const Failure& f) {
       ++failed;
@@ -115,6 +123,11 @@ inline int run_main(int argc, char** argv) {
 #define EMU_CASE(name)                                                   \
   static void name();                                                    \
   static const emu_test::Register register_##name(#name, &name);         \
+  static void name()
+
+#define EMU_CASE_ALONE(name)                                             \
+  static void name();                                                    \
+  static const emu_test::Register register_##name(#name, &name, true);   \
   static void name()
 
 #define EMU_MAIN() \
