@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -172,7 +173,7 @@ struct State {
   std::mutex launch_mutex;
   // Launches per kernel (mangled name, as the real build's cuobjdump lists it), for the coverage record.
   std::map<std::string, uint64_t> launches;
-  int arch = 90;
+  std::atomic<int> arch{90};
   size_t stack_bytes = 256 * 1024;
   double timeout_s = 60;
 
@@ -208,10 +209,13 @@ struct State {
   std::unordered_map<const void*, int> max_dynamic_shared;
   std::vector<Finding> findings;
   int launch_findings = 0;
+  bool launch_timed_out = false, launch_illegal = false;
   std::set<std::pair<std::string, const void*>> reported;
-  cudaError_t last_error = cudaSuccess;
-  std::string last_report;
 };
+
+// As CUDA's runtime keeps it, per host thread: the last error, and the emulator's report behind it.
+thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local std::string t_last_report;
 
 State& state() {
   static State* s = [] {
@@ -398,9 +402,11 @@ void report(const std::string& kind, const std::string& what, const void* key = 
       msg += " [block " + block_text(s.block_linear) + ", thread " + thread_text(s.current->tid) + "]";
     if (std::getenv("PK_EMU_VERBOSE")) std::fprintf(stderr, "pk::emu: %s\n", msg.c_str());
     s.findings.push_back({kind, s.kernel_name, msg});
-    if (s.last_report.empty()) s.last_report = msg;
+    if (t_last_report.empty()) t_last_report = msg;
   }
   ++s.launch_findings;
+  s.launch_timed_out |= kind == "timeout";
+  s.launch_illegal |= kind == "out-of-bounds";
   if (fatal) abort_block();
 }
 
@@ -846,7 +852,7 @@ const KernelNames& kernel_names_of(const LaunchConfig& c) {
 cudaError_t launch_error(cudaError_t err, const std::string& why) {
   State& s = state();
   report("launch", why);
-  s.last_error = err;
+  t_last_error = err;
   return err;
 }
 
@@ -867,7 +873,7 @@ cudaError_t validate(const LaunchConfig& c) {
   if (c.dynamic_smem > limit)
     return launch_error(cudaErrorInvalidValue, std::to_string(c.dynamic_smem) +
                                                    " bytes of dynamic shared memory exceed sm_" +
-                                                   std::to_string(state().arch) + "'s " + std::to_string(limit));
+                                                   std::to_string(state().arch.load()) + "'s " + std::to_string(limit));
   if (c.dynamic_smem > kDefaultSharedBytes) {
     auto it = state().max_dynamic_shared.find(c.kernel);
     const size_t opted = it == state().max_dynamic_shared.end() ? kDefaultSharedBytes : size_t(it->second);
@@ -955,8 +961,9 @@ cudaError_t run_launch(const LaunchConfig& config, void (*body)(void*), void* ct
   s.kernel_name = names.readable;
   ++s.launches[names.mangled];
   s.launch_findings = 0;
+  s.launch_timed_out = s.launch_illegal = false;
   s.reported.clear();
-  s.last_report.clear();
+  t_last_report.clear();
   if (const cudaError_t err = validate(config); err != cudaSuccess) return err;
   const dim3 b = config.block, g = config.grid;
   const size_t threads = size_t(b.x) * b.y * b.z;
@@ -974,7 +981,6 @@ cudaError_t run_launch(const LaunchConfig& config, void (*body)(void*), void* ct
   s.body_ctx = ctx;
   s.dynamic_bytes = config.dynamic_smem;
   ++s.launch_serial;
-  bool timed_out = false, illegal = false;
   for (unsigned z = 0; z < g.z && !s.aborted; ++z)
     for (unsigned y = 0; y < g.y && !s.aborted; ++y)
       for (unsigned x = 0; x < g.x && !s.aborted; ++x) {
@@ -982,28 +988,26 @@ cudaError_t run_launch(const LaunchConfig& config, void (*body)(void*), void* ct
         s.block_linear = x + g.x * (y + g.y * z);
         run_block();
       }
-  for (const Finding& f : s.findings) {
-    timed_out |= f.kind == "timeout";
-    illegal |= f.kind == "out-of-bounds";
-  }
   s.aborted = false;
-  s.last_error = s.launch_findings == 0 ? cudaSuccess
-                 : timed_out           ? cudaErrorLaunchTimeout
-                 : illegal             ? cudaErrorIllegalAddress
+  t_last_error = s.launch_findings == 0 ? cudaSuccess
+                 : s.launch_timed_out  ? cudaErrorLaunchTimeout
+                 : s.launch_illegal    ? cudaErrorIllegalAddress
                                        : cudaErrorLaunchFailure;
   if (s.launch_findings > kMaxFindingsPerLaunch)
-    s.last_report += " (and " + std::to_string(s.launch_findings - kMaxFindingsPerLaunch) + " more findings)";
-  return s.last_error;
+    t_last_report += " (and " + std::to_string(s.launch_findings - kMaxFindingsPerLaunch) + " more findings)";
+  return t_last_error;
 }
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   State& s = state();
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > arch_shared_limit()) {
-    s.last_error = cudaErrorInvalidValue;
-    s.last_report = "cudaFuncSetAttribute: " + std::to_string(value) + " bytes of dynamic shared memory exceed sm_" +
-                    std::to_string(s.arch) + "'s " + std::to_string(arch_shared_limit());
+    t_last_error = cudaErrorInvalidValue;
+    t_last_report = "cudaFuncSetAttribute: " + std::to_string(value) + " bytes of dynamic shared memory exceed sm_" +
+                    std::to_string(s.arch.load()) + "'s " + std::to_string(arch_shared_limit());
     return cudaErrorInvalidValue;
   }
+  // Launches on other threads read the map.
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
   s.max_dynamic_shared[kernel] = value;
   return cudaSuccess;
 }
@@ -1067,7 +1071,11 @@ std::map<std::string, uint64_t> launch_counts() {
 void set_arch(int sm) { state().arch = sm == 80 ? 80 : 90; }
 int arch() { return state().arch; }
 
-std::vector<Finding> take_findings() { return std::exchange(state().findings, {}); }
+std::vector<Finding> take_findings() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.launch_mutex);
+  return std::exchange(s.findings, {});
+}
 
 // ------------------------------------------------------------------------------------------ PTX twins
 
@@ -1188,8 +1196,8 @@ cudaError_t check_temp_storage(void* temp, size_t& bytes, size_t needed) {
 
 using pk::emu::state;
 
-cudaError_t cudaGetLastError() { return std::exchange(state().last_error, cudaSuccess); }
-cudaError_t cudaPeekAtLastError() { return state().last_error; }
+cudaError_t cudaGetLastError() { return std::exchange(pk::emu::t_last_error, cudaSuccess); }
+cudaError_t cudaPeekAtLastError() { return pk::emu::t_last_error; }
 
 const char* cudaGetErrorName(cudaError_t err) {
   switch (err) {
@@ -1210,7 +1218,7 @@ const char* cudaGetErrorName(cudaError_t err) {
 const char* cudaGetErrorString(cudaError_t err) {
   thread_local std::string text;
   text = std::string(cudaGetErrorName(err)) + " (emulated)";
-  if (err != cudaSuccess && !state().last_report.empty()) text += ": " + state().last_report;
+  if (err != cudaSuccess && !pk::emu::t_last_report.empty()) text += ": " + pk::emu::t_last_report;
   return text.c_str();
 }
 

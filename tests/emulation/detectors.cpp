@@ -1,5 +1,7 @@
 // Each detector of the emulator against a small deliberately broken kernel it must catch, and a correct twin
 // that must pass. Built as an emulated kernel file (see cuda_emulation.h for the flags).
+#include <thread>
+
 #include "common/cuda_utils.cuh"
 #include "emu_test.h"
 
@@ -428,5 +430,36 @@ EMU_CASE(launch_error_string_names_kernel) {
 }
 
 }  // namespace
+
+
+// ------------------------------------------------------------------------------------------ error state
+
+EMU_CASE(launch_error_is_this_launchs) {
+  // An out-of-bounds launch, then a racy one: the second is a launch failure, not an illegal address carried over
+  // from the first's finding.
+  DeviceBuffer<float> in(100, 1.0f), copy(100);
+  PK_LAUNCH(2, 64, 0, nullptr, global_copy_kernel)(in.ptr, copy.ptr, 100);
+  check(cudaGetLastError() == cudaErrorIllegalAddress, "the first launch reports an illegal address");
+  DeviceBuffer<int> out(64);
+  PK_LAUNCH(1, 64, 0, nullptr, shared_write_race_kernel)(out.ptr);
+  check(cudaGetLastError() == cudaErrorLaunchFailure, "the second launch reports its own failure");
+}
+
+EMU_CASE(last_error_is_per_host_thread) {
+  // CUDA keeps the last error per host thread: a failed launch on one thread is not another's error.
+  DeviceBuffer<int> out(1);
+  cudaError_t seen_by_other = cudaErrorLaunchFailure, seen_by_launcher = cudaSuccess;
+  std::thread launcher([&] {
+    PK_LAUNCH(0, 32, 0, nullptr, touch_kernel)(out.ptr);
+    std::thread other([&] { seen_by_other = cudaGetLastError(); });
+    other.join();
+    seen_by_launcher = cudaGetLastError();
+  });
+  launcher.join();
+  check(seen_by_other == cudaSuccess, "another thread sees no error");
+  check(seen_by_launcher == cudaErrorInvalidConfiguration, "the launching thread sees its error");
+  check(cudaGetLastError() == cudaSuccess, "the main thread sees no error");
+  pk::emu::take_findings();
+}
 
 EMU_MAIN()
