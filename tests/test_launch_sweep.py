@@ -193,33 +193,40 @@ def _check(engine_fn, reference_fn, inputs, dtype, *, scale=(4, 16), eager=True,
 
 def _attention(dtype, bucket):
     # D just inside the bucket (not a multiple of 16: the products' padded tail), Dv at its top: the forward and
-    # backward bucket by max(D, Dv), the map and its backward by D.
-    q = _rand(1, 1, 5, bucket - 8, dtype=dtype, seed=1).requires_grad_()
-    k = _rand(1, 1, 7, bucket - 8, dtype=dtype, seed=2).requires_grad_()
-    v = _rand(1, 1, 7, bucket, dtype=dtype, seed=3).requires_grad_()
-    _check(lambda q, k, v: pk.fused_attention(q, k, v, return_attn_mean=True, backend="cuda"),
-           lambda q, k, v: ref_attention.attention(q, k, v, None, False, q.size(-1) ** -0.5, return_attn_mean=True),
-           (q, k, v), dtype)
+    # backward bucket by max(D, Dv), the map and its backward by D. 33 queries and 35 keys span two row and column
+    # tiles of the large buckets' plans; causal, two query heads on one kv head and a full bias reach the diagonal
+    # skip, the group loop of the dk/dv pass and the bias gradient.
+    q = _rand(1, 2, 33, bucket - 8, dtype=dtype, seed=1).requires_grad_()
+    k = _rand(1, 1, 35, bucket - 8, dtype=dtype, seed=2).requires_grad_()
+    v = _rand(1, 1, 35, bucket, dtype=dtype, seed=3).requires_grad_()
+    bias = _rand(1, 2, 33, 35, dtype=dtype, seed=4).requires_grad_()
+    _check(lambda q, k, v, b: pk.fused_attention(q, k, v, attn_bias=b, causal=True, return_attn_mean=True,
+                                                 backend="cuda"),
+           lambda q, k, v, b: ref_attention.attention(q, k, v, b, True, q.size(-1) ** -0.5, return_attn_mean=True),
+           (q, k, v, bias), dtype)
 
 
 def _window(dtype, bucket):
-    # A 3 x 2 grid in 2 x 2 windows shifted by 1: two windows, pad tokens, the shift mask and a bias table.
-    n, d = 6, bucket - 8
-    q, k = _rand(1, 1, n, d, dtype=dtype, seed=1), _rand(1, 1, n, d, dtype=dtype, seed=2)
-    v, table = _rand(1, 1, n, bucket, dtype=dtype, seed=3), _rand(9, 1, dtype=dtype, seed=4)
+    # A 6 x 5 grid in 5 x 5 windows shifted by 2 rows: two windows of 25 positions (two row and column tiles of the
+    # large buckets' plans), pad tokens, the shift mask, two heads and a bias table.
+    n, d = 30, bucket - 8
+    q, k = _rand(1, 2, n, d, dtype=dtype, seed=1), _rand(1, 2, n, d, dtype=dtype, seed=2)
+    v, table = _rand(1, 2, n, bucket, dtype=dtype, seed=3), _rand(81, 2, dtype=dtype, seed=4)
     inputs = tuple(x.requires_grad_() for x in (q, k, v, table))
-    _check(lambda q, k, v, t: pk.window_attention(q, k, v, (3, 2), 2, 1, rel_pos_bias=t, backend="cuda"),
-           lambda q, k, v, t: pk.window_attention(q, k, v, (3, 2), 2, 1, rel_pos_bias=t, backend="reference"),
+    _check(lambda q, k, v, t: pk.window_attention(q, k, v, (6, 5), 5, 2, rel_pos_bias=t, backend="cuda"),
+           lambda q, k, v, t: pk.window_attention(q, k, v, (6, 5), 5, 2, rel_pos_bias=t, backend="reference"),
            inputs, dtype)
 
 
 def _neighborhood(dtype, bucket):
-    n, d = 9, bucket - 4
+    # A 6 x 10 grid, 3 x 3 neighbourhoods dilated by 2 along y: two residue classes, two tiles along x.
+    n, d = 60, bucket - 4
     q, k = _rand(1, 1, n, d, dtype=dtype, seed=1), _rand(1, 1, n, d, dtype=dtype, seed=2)
     v, rpb = _rand(1, 1, n, bucket, dtype=dtype, seed=3), _rand(1, 5, 5, dtype=dtype, seed=4)
     inputs = tuple(x.requires_grad_() for x in (q, k, v, rpb))
-    _check(lambda q, k, v, r: pk.neighborhood_attention_2d(q, k, v, (3, 3), 3, rel_pos_bias=r, backend="cuda"),
-           lambda q, k, v, r: ref_neighborhood.neighborhood_attention_2d(q, k, v, (3, 3), 3, 1, r),
+    _check(lambda q, k, v, r: pk.neighborhood_attention_2d(q, k, v, (6, 10), 3, (2, 1), rel_pos_bias=r,
+                                                           backend="cuda"),
+           lambda q, k, v, r: ref_neighborhood.neighborhood_attention_2d(q, k, v, (6, 10), 3, (2, 1), r),
            inputs, dtype)
 
 
