@@ -2,11 +2,13 @@
 
 The launchers pick a template instantiation per call from tables of head-dim buckets, group sizes, vector widths
 and tile factors (csrc/**/*_kernel.cu); the functional tests reach only the few their shapes happen to pick. The
-tables below mirror the launchers' dispatch, and each case runs the smallest public call that reaches one
-instantiation (batch 1, one head, a handful of queries, keys, nodes or rows, a head dim just inside its bucket),
+tables below mirror the launchers' dispatch, and each case runs a small public call that reaches one
+instantiation (batch 1, a head or two, a head dim just inside its bucket; nodes and rows in single digits, and
+for the attention tiles just enough queries and keys for two row and column tiles of the large buckets' plans),
 forward and backward, against ``pykernels.reference`` at the dtype's tolerance. Each case also asserts that it
 launched the kernels it names, and ``test_sweep_names_every_compiled_kernel`` compares the union of those names with
 the kernels compiled into the emulation module, so a launcher table that changes without this file fails here.
+About a minute on one core: the emulator runs one block at a time, and these calls are a block or a few each.
 """
 from __future__ import annotations
 
