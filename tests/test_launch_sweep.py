@@ -194,12 +194,13 @@ def _check(engine_fn, reference_fn, inputs, dtype, *, scale=(4, 16), eager=True,
 # ------------------------------------------------------------------------------------------ attention family
 
 def _attention(dtype, bucket):
-    # D just inside the bucket (not a multiple of 16: the products' padded tail), Dv at its top: the forward and
-    # backward bucket by max(D, Dv), the map and its backward by D. 33 queries and 35 keys span two row and column
+    # D just inside the bucket and odd (the products' padded tail; q and k rows take the tile loads' element-wise
+    # path), Dv at its top (v and dO take the 16-byte path): the forward and backward bucket by max(D, Dv), the map
+    # and its backward by D. 33 queries and 35 keys span two row and column
     # tiles of the large buckets' plans; causal, two query heads on one kv head and a full bias reach the diagonal
     # skip, the group loop of the dk/dv pass and the bias gradient.
-    q = _rand(1, 2, 33, bucket - 8, dtype=dtype, seed=1).requires_grad_()
-    k = _rand(1, 1, 35, bucket - 8, dtype=dtype, seed=2).requires_grad_()
+    q = _rand(1, 2, 33, bucket - 5, dtype=dtype, seed=1).requires_grad_()
+    k = _rand(1, 1, 35, bucket - 5, dtype=dtype, seed=2).requires_grad_()
     v = _rand(1, 1, 35, bucket, dtype=dtype, seed=3).requires_grad_()
     bias = _rand(1, 2, 33, 35, dtype=dtype, seed=4).requires_grad_()
     _check(lambda q, k, v, b: pk.fused_attention(q, k, v, attn_bias=b, causal=True, return_attn_mean=True,
@@ -210,8 +211,9 @@ def _attention(dtype, bucket):
 
 def _window(dtype, bucket):
     # A 6 x 5 grid in 5 x 5 windows shifted by 2 rows: two windows of 25 positions (two row and column tiles of the
-    # large buckets' plans), pad tokens, the shift mask, two heads and a bias table.
-    n, d = 30, bucket - 8
+    # large buckets' plans), pad tokens, the shift mask, two heads and a bias table. D odd and Dv at the bucket's
+    # top, as for _attention: both paths of the gathers.
+    n, d = 30, bucket - 5
     q, k = _rand(1, 2, n, d, dtype=dtype, seed=1), _rand(1, 2, n, d, dtype=dtype, seed=2)
     v, table = _rand(1, 2, n, bucket, dtype=dtype, seed=3), _rand(81, 2, dtype=dtype, seed=4)
     inputs = tuple(x.requires_grad_() for x in (q, k, v, table))
