@@ -59,9 +59,11 @@ setup() {
 # build/sanitize/stage, which a site-less interpreter (-S: no editable-install finder) imports first.
 # Default selection: every test of the C++ engine and of the emulated CUDA engine; the Triton interpreter's
 # tests are left out (no C++ runs in them, and they are the slow part of the suite).
+# PYKERNELS_SANITIZE_EMULATED=sweep keeps, of the emulated engine's tests, only the launch sweep (every kernel
+# instantiation once; CI's choice: about 2 minutes under the sanitizers, where all of them take about 17).
 SANITIZE_DEFAULT_TESTS=(tests/test_attention.py tests/test_attention_nn.py tests/test_flow.py tests/test_max_flow.py
   tests/test_window.py tests/test_window_nn.py tests/test_neighborhood.py tests/test_graph_ops.py tests/test_graph_nn.py
-  tests/test_sanitize.py -k "not triton" -q)
+  tests/test_sanitize.py tests/test_launch_sweep.py -k "not triton" -q)
 sanitize() {
   local dir=build/sanitize scripts stage f runtime site
   scripts=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
@@ -82,7 +84,10 @@ sanitize() {
   # (Python itself does not link libstdc++). Both are the ones the module was linked against.
   runtime=$(ldd "$stage"/pykernels/_C*.so | awk '/libasan|libstdc\+\+/ {printf "%s ", $3}')
   site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib") + ":" + sysconfig.get_path("platlib"))')
-  if [ $# -eq 0 ]; then set -- "${SANITIZE_DEFAULT_TESTS[@]}"; fi
+  if [ $# -eq 0 ]; then
+    set -- "${SANITIZE_DEFAULT_TESTS[@]}"
+    if [ "${PYKERNELS_SANITIZE_EMULATED:-all}" = sweep ]; then set -- "$@" -m "not cuda_emulated or launch_sweep"; fi
+  fi
   # detect_leaks=0: CPython and torch keep allocations until exit by design.
   LD_PRELOAD="$runtime" PYKERNELS_SANITIZED=1 \
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \

@@ -33,7 +33,7 @@ from pykernels.reference import graph as ref_graph
 from pykernels.reference import neighborhood as ref_neighborhood
 from pykernels.testing import TOLERANCES, assert_close, assert_low_precision_error
 
-pytestmark = [pytest.mark.cuda_emulated,
+pytestmark = [pytest.mark.cuda_emulated, pytest.mark.launch_sweep,
               pytest.mark.skipif(not _backend.cuda_emulated(), reason="needs the PYKERNELS_CUDA_EMULATE=1 build")]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -72,7 +72,9 @@ class Case:
 
 def _demangler():
     lib = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # free as the process resolves it (ASan's, when ./run.sh sanitize preloads it, which also made the malloc
+    # inside __cxa_demangle): libc's own free on ASan's memory aborts.
+    libc = ctypes.CDLL(None)
     fn = lib.__cxa_demangle
     fn.restype = ctypes.c_void_p
     fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
