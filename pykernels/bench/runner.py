@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .._info import info
-from .timing import peak_memory_mb, time_fn, time_interleaved, warm_up
+from .timing import peak_memory_mb, time_cuda, time_interleaved, warm_up
 
 FAMILIES = ("models", "graph", "attention", "flow", "window")
 
@@ -89,7 +89,7 @@ def _measure(providers: dict, device, min_run_time, interleave: bool) -> dict:
 
     On the CPU (and where the case asks for it) the providers are timed in alternation
     (:func:`~pykernels.bench.timing.time_interleaved`), so that load drift does not enter their ratios; on CUDA
-    each on its own with CUDA events (:func:`~pykernels.bench.timing.time_fn`)."""
+    each on its own with CUDA events (:func:`~pykernels.bench.timing.time_cuda`)."""
     results, timings = {}, {}
     try:
         if interleave or device.type != "cuda":
@@ -107,7 +107,7 @@ def _measure(providers: dict, device, min_run_time, interleave: bool) -> dict:
         else:
             for name, fn in providers.items():
                 try:
-                    timings[name] = time_fn(fn, device, min_run_time)
+                    timings[name] = time_cuda(fn, min_run_time)
                 except (RuntimeError, MemoryError) as exc:
                     results[name] = (None, None, _failure(exc))
         for name, timing in timings.items():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import statistics
 import sys
@@ -11,11 +10,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-# torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on a CUDA build of torch
-# without a GPU: true, and nothing a reader of the report can act on.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-import torch.utils.benchmark  # noqa: E402
 
 
 @dataclass
@@ -36,45 +30,25 @@ def _summary(times_ms) -> Timing:
     return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8))
 
 
-def time_fn(fn, device: torch.device, min_run_time: float) -> Timing:
-    """Median and 20th/80th percentiles of ``fn``'s wall time, after one warm-up call.
-
-    CUDA: ``triton.testing.do_bench`` when available (L2 flushed, CUDA events), else CUDA events. CPU: calls
-    slower than 20 ms are timed one by one (3 to 20 of them, about ``min_run_time`` in all); faster ones with
-    ``torch.utils.benchmark.Timer`` blocks, where each sample is the mean of a block of calls.
-    """
-    if device.type == "cuda":
-        fn()
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(int(min_run_time * 1000), 25))
-            return Timing(med, p20, p80)
-        times = []
-        for _ in range(max(10, int(min_run_time * 100))):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return _summary(times)
-    start = time.perf_counter()
+def time_cuda(fn, min_run_time: float) -> Timing:
+    """Median and 20th/80th percentiles of ``fn``'s GPU time, after one warm-up call: ``triton.testing.do_bench``
+    when available (L2 flushed, CUDA events), else CUDA events. (The CPU's timing is :func:`time_interleaved`.)"""
     fn()
-    first = time.perf_counter() - start
-    if first >= 0.02:
-        times = []
-        for _ in range(min(20, max(3, int(min_run_time / first)))):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return _summary(times)
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
-    while len(times) < 5:
-        times += [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time / 2).times]
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(int(min_run_time * 1000), 25))
+        return Timing(med, p20, p80)
+    times = []
+    for _ in range(max(10, int(min_run_time * 100))):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return _summary(times)
 
 
