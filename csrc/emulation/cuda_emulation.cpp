@@ -850,7 +850,6 @@ const KernelNames& kernel_names_of(const LaunchConfig& c) {
 }
 
 cudaError_t launch_error(cudaError_t err, const std::string& why) {
-  State& s = state();
   report("launch", why);
   t_last_error = err;
   return err;
