@@ -46,7 +46,6 @@ REQUIRED_DETECTOR_CASES = [
     "deadlock_detected", "deadlock_spin_times_out", "launch_zero_sized", "launch_grid_y_limit",
     "launch_block_too_large", "launch_shared_memory_opt_in", "launch_shared_memory_arch_limits",
     "launch_error_is_this_launchs", "last_error_is_per_host_thread",
-    "launch_error_is_this_launchs", "last_error_is_per_host_thread",
 ]
 
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None,

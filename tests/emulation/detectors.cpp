@@ -429,9 +429,6 @@ EMU_CASE(launch_error_string_names_kernel) {
   pk::emu::take_findings();
 }
 
-}  // namespace
-
-
 // ------------------------------------------------------------------------------------------ error state
 
 EMU_CASE(launch_error_is_this_launchs) {
@@ -461,5 +458,7 @@ EMU_CASE(last_error_is_per_host_thread) {
   check(cudaGetLastError() == cudaSuccess, "the main thread sees no error");
   pk::emu::take_findings();
 }
+
+}  // namespace
 
 EMU_MAIN()
