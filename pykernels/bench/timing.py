@@ -72,7 +72,7 @@ def warm_up(fn, device: torch.device) -> float:
     return first if first >= 1.0 else _timed_call(fn, device)
 
 
-def time_interleaved(fns: list, device: torch.device, min_run_time: float, per_call: list[float] | None = None,
+def time_interleaved(fns: list, device: torch.device, min_run_time: float, per_call: list[float],
                      block_s: float = BLOCK_S) -> list[Timing]:
     """Timings taken in alternation: each round times one sample of every provider, in an order reversed every
     other round. On a shared or throttling machine the load drifts over seconds; timing one provider after the
@@ -80,8 +80,7 @@ def time_interleaved(fns: list, device: torch.device, min_run_time: float, per_c
 
     A sample is one call, or on the CPU a block of calls of about ``block_s`` (its mean). 5 to 25 rounds of
     about ``max(2 * min_run_time, 0.5)`` seconds in all (3 rounds when one takes over 20 s: a UNet at 1024² on a
-    laptop CPU). ``per_call``: each provider's warm call time (:func:`warm_up`), measured here when not given."""
-    per_call = per_call if per_call is not None else [warm_up(fn, device) for fn in fns]
+    laptop CPU). ``per_call``: each provider's warm call time (:func:`warm_up`)."""
     cpu = device.type != "cuda"
     blocks = [max(1, int(block_s / max(t, 1e-9))) if cpu else 1 for t in per_call]
     round_s = max(sum(n * t for n, t in zip(blocks, per_call)), 1e-9)
